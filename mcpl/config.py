@@ -1,0 +1,102 @@
+"""Every training knob in one typed object, with the paper's values documented beside ours.
+
+A config is hashed into job ids, so two runs with equal configs are the same work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Strategy = Literal["one", "all", "diverse"]
+MaskSource = Literal["current", "running"]
+
+
+class TrainConfig(BaseModel):
+    """Configuration of one MCPL job (one image, or one MCPL-diverse group)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- what learns --------------------------------------------------------------
+    strategy: Strategy = Field(
+        "one", description="'one': a word per concept; 'all': every word of the sentence; "
+        "'diverse': several images share their concepts' words (paper: MCPL-one is best)."
+    )
+    num_vectors: int = Field(1, ge=1, le=16, description="Vectors per learned token (tok, tok_1, ...).")
+
+    # --- optimisation -------------------------------------------------------------
+    steps: int = Field(500, ge=1, description="Optimisation steps (paper: 6100 on LDM-1.4B).")
+    batch_size: int = Field(4, ge=1, description="Samples per step (paper: 4).")
+    learning_rate: float | None = Field(
+        None, gt=0, description="AdamW lr. None: scale with the model's mean token-embedding norm "
+        "(lr = 1.3e-3 x batch x norm; 2e-3 for SD 1.x at batch 4; paper: 5e-3 x batch on LDM).",
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up, then constant.")
+    seed: int = Field(0, description="Seeds every random draw: same seed, same result.")
+    resolution: int | None = Field(
+        None, ge=8, description="Training side in pixels. None: the UNet's sample size x VAE factor."
+    )
+    flip_p: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip (paper: 0.5).")
+    use_templates: bool = Field(
+        True, description="Wrap the sentence in random templates ('a photo of {}') that never "
+        "contain a learnable word or an adjective.",
+    )
+
+    # --- AttnMask -----------------------------------------------------------------
+    attn_mask: bool = Field(False, description="Mask the noise loss by the learned words' attention.")
+    mask_threshold: float = Field(
+        0.5, gt=0, lt=1, description="k: a map divided by its max is kept where > k "
+        "(paper text 0.5, paper code 0.3).",
+    )
+    mask_source: MaskSource = Field(
+        "current", description="'current': this step's map (paper code); 'running': mean over "
+        "training steps per image and concept (paper text's average over timesteps).",
+    )
+    mask_warmup_steps: int = Field(0, ge=0, description="Steps of unmasked loss before masking starts.")
+    attention_layers: list[str] | None = Field(
+        None, description="Substrings of cross-attention processor names to record. None: the "
+        "layers at `attention_downscale`.",
+    )
+    attention_downscale: int | None = Field(
+        None, ge=1, description="Record cross-attention layers whose map is the latent side / this. "
+        "None: the model's recommendation, else 4 (SD 1.x at 512 px: 16x16 maps, as the paper).",
+    )
+
+    # --- PromptCL / Bind adj ------------------------------------------------------
+    prompt_cl: bool = Field(False, description="InfoNCE between the learned words' encoder features.")
+    cl_weight: float = Field(5e-3, ge=0, description="lambda (paper: 5e-4 to 1.0).")
+    cl_temperature: float = Field(0.2, gt=0, description="tau (paper: 0.07 to 0.3).")
+    cl_views: int = Field(2, ge=2, description="Prompt views per sample (different templates).")
+    bind_adj: bool = Field(False, description="Each concept's adjective joins its positives.")
+
+    # --- bookkeeping --------------------------------------------------------------
+    checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    map_timesteps: int = Field(8, ge=1, description="Timesteps averaged for the exported image maps.")
+
+    def job_hash(self) -> str:
+        """A short stable hash of the fields that change what is learned (not bookkeeping)."""
+        fields = self.model_dump(exclude={"checkpoint_every", "keep_checkpoints"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def full_mcpl(cls, **overrides: object) -> TrainConfig:
+        """MCPL-one with AttnMask, PromptCL and Bind adj: the paper's full method."""
+        return cls(**{"attn_mask": True, "prompt_cl": True, "bind_adj": True, **overrides})
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """Parse `key=value` strings (values as JSON where they parse, else strings)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"expected key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out

@@ -1,0 +1,65 @@
+"""Image preparation and the VAE latent cache (each image and its flip encoded once)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image, apply its EXIF orientation, convert to RGB."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+
+
+def image_hash(img: Image.Image) -> str:
+    """Content hash of the decoded pixels (format- and metadata-independent)."""
+    return hashlib.sha256(img.tobytes() + repr(img.size).encode()).hexdigest()[:16]
+
+
+def square_resize(img: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """Centre-crop to a square, then resize to size x size."""
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((size, size), resample)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 RGB image -> float tensor in [-1, 1], shape (3, H, W)."""
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class LatentCache:
+    """Posterior mean/std of each image and of its horizontal flip: (N, 2, C, h, w)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+
+    def sample(self, index: torch.Tensor, flip: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z = (mean + std * eps) * scaling_factor for each (image, flip) pair."""
+        mean = self.mean[index, flip.long()]
+        std = self.std[index, flip.long()]
+        return (mean + std * eps.to(mean.device)) * self.scaling_factor
+
+
+@torch.no_grad()
+def encode_images(vae, images: list[Image.Image], resolution: int, device: torch.device) -> LatentCache:
+    """Encode every image and its mirror once; training then samples from the cached posteriors."""
+    pixels = []
+    for img in images:
+        square = square_resize(img, resolution)
+        pixels += [to_tensor(square), to_tensor(ImageOps.mirror(square))]
+    batch = torch.stack(pixels).to(device=device, dtype=vae.dtype)
+    dist = vae.encode(batch).latent_dist
+    shape = (len(images), 2, *dist.mean.shape[1:])
+    return LatentCache(dist.mean.float().reshape(shape), dist.std.float().reshape(shape),
+                       float(vae.config.scaling_factor))

@@ -1,0 +1,241 @@
+"""Concept sentences: parsing, the three MCPL strategies, and prompt templates.
+
+Syntax (docs/FORMAT.md): `a photo of a brown <dog|dog|brown> on a rolling <skateboard|board>`.
+Everything here is pure text; the tokenizer is only consulted through `check_against_vocab`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+WORD_RE = re.compile(r"[A-Za-z0-9'-]+|[^\sA-Za-z0-9'-]")
+ARTICLES = {"a", "an", "the"}
+PREFIXES = ("a photo of ", "a picture of ", "an image of ", "a rendering of ")
+TEMPLATES = (
+    "{}",
+    "a photo of {}",
+    "a rendering of {}",
+    "a cropped photo of {}",
+    "a close-up photo of {}",
+    "a bright photo of {}",
+    "a good photo of {}",
+    "a clean photo of {}",
+    "a nice picture of {}",
+    "an image of {}",
+)
+
+
+class SentenceError(ValueError):
+    """A concept sentence that cannot be used, with the reason in the message."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One marked object: its placeholder token, initializer word and optional adjective."""
+
+    name: str
+    initializer: str
+    adjective: str | None = None
+
+    @property
+    def token(self) -> str:
+        return f"<{self.name}>"
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """A parsed sentence: a sequence of plain words and concepts, in order."""
+
+    source: str
+    pieces: tuple[str | Concept, ...]
+
+    @property
+    def concepts(self) -> list[Concept]:
+        return [p for p in self.pieces if isinstance(p, Concept)]
+
+    @property
+    def words(self) -> list[str]:
+        return [p for p in self.pieces if isinstance(p, str)]
+
+
+def parse_sentence(text: str) -> Sentence:
+    """Parse the concept syntax; raise SentenceError naming what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise SentenceError("empty sentence")
+    pieces: list[str | Concept] = []
+    pos = 0
+    for match in re.finditer(r"[<>]", text):
+        if match.start() < pos:
+            continue
+        if match.group() == ">":
+            raise SentenceError(f"unbalanced '>' at character {match.start()} in {text!r}")
+        end = text.find(">", match.start())
+        nested = text.find("<", match.start() + 1)
+        if end < 0 or (0 <= nested < end):
+            raise SentenceError(f"unbalanced '<' at character {match.start()} in {text!r}")
+        pieces.extend(WORD_RE.findall(text[pos : match.start()]))
+        pieces.append(_parse_marker(text[match.start() + 1 : end], text))
+        pos = end + 1
+    pieces.extend(WORD_RE.findall(text[pos:]))
+    sentence = Sentence(source=text, pieces=tuple(pieces))
+    _validate(sentence)
+    return sentence
+
+
+def _parse_marker(body: str, text: str) -> Concept:
+    fields = [f.strip() for f in body.split("|")]
+    if len(fields) > 3:
+        raise SentenceError(f"marker <{body}> has {len(fields)} fields; expected <name|init|adjective>")
+    name = fields[0]
+    if not name or not NAME_RE.match(name):
+        raise SentenceError(f"invalid placeholder name {name!r} in {text!r} (letters, digits, _ and -)")
+    initializer = fields[1] if len(fields) > 1 else name
+    if not initializer or not re.match(r"^[A-Za-z0-9'-]+$", initializer):
+        raise SentenceError(f"invalid initializer word {initializer!r} for <{name}> (one word)")
+    adjective = fields[2] if len(fields) > 2 and fields[2] else None
+    return Concept(name=name, initializer=initializer.lower(), adjective=adjective.lower() if adjective else None)
+
+
+def _validate(sentence: Sentence) -> None:
+    concepts = sentence.concepts
+    if not concepts:
+        raise SentenceError(f"no placeholder in {sentence.source!r}; mark concepts like <dog|dog>")
+    names = [c.name for c in concepts]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SentenceError(f"duplicate placeholder(s) {', '.join('<' + d + '>' for d in dupes)}")
+    words = {w.lower() for w in sentence.words}
+    for c in concepts:
+        if c.adjective and c.adjective not in words:
+            raise SentenceError(f"adjective {c.adjective!r} of <{c.name}> is not a word of the sentence")
+
+
+def check_against_vocab(sentences: Sequence[Sentence], vocab: set[str] | dict[str, int]) -> None:
+    """Reject placeholders that already are vocabulary entries (they would not be new words)."""
+    for s in sentences:
+        for c in s.concepts:
+            if c.token in vocab or c.token + "</w>" in vocab:
+                raise SentenceError(f"placeholder {c.token} is already in the tokenizer's vocabulary")
+
+
+# --------------------------------------------------------------------------------------
+# Strategies: which tokens learn, and how each image's prompt is written with them.
+
+
+@dataclass(frozen=True)
+class LearnableToken:
+    """A new token: its text, the word that initialises it, and the concept label it carries."""
+
+    token: str
+    initializer: str
+    label: str
+    adjective: str | None = None
+
+
+@dataclass
+class PromptPlan:
+    """Learnable tokens of a job and, per image, the core prompt and usable templates."""
+
+    tokens: list[LearnableToken]
+    cores: list[list[str]]  # per image: words, where learnable ones are token strings
+    templates: list[str] = field(default_factory=lambda: ["{}"])
+    num_vectors: int = 1
+
+    @property
+    def labels(self) -> list[str]:
+        return [t.label for t in self.tokens]
+
+    def token_strings(self, token: LearnableToken) -> list[str]:
+        """diffusers' multi-vector convention: tok, tok_1, tok_2, ..."""
+        return [token.token] + [f"{token.token}_{i}" for i in range(1, self.num_vectors)]
+
+    def all_token_strings(self) -> list[str]:
+        return [s for t in self.tokens for s in self.token_strings(t)]
+
+    def prompt(self, image_index: int, template: str) -> str:
+        by_token = {t.token: t for t in self.tokens}
+        words = [" ".join(self.token_strings(by_token[w])) if w in by_token else w
+                 for w in self.cores[image_index]]
+        return template.format(" ".join(words))
+
+    def adjectives(self, image_index: int) -> dict[str, str]:
+        """label -> the prompt entry holding the concept's adjective, for this image's concepts.
+
+        Usually the frozen adjective word; under MCPL-all the learnable token that replaced it.
+        """
+        core = self.cores[image_index]
+        replaced = {t.token: t.initializer for t in self.tokens if t.label.startswith("w")}
+        out = {}
+        for t in self.tokens:
+            if not t.adjective or t.token not in core:
+                continue
+            for entry in core:
+                if entry.lower() == t.adjective or replaced.get(entry) == t.adjective:
+                    out[t.label] = entry
+                    break
+        return out
+
+
+def plan_prompts(sentences: Sequence[Sentence], strategy: str, num_vectors: int = 1,
+                 use_templates: bool = True) -> PromptPlan:
+    """Derive the learnable tokens and prompts of one job from its sentences."""
+    if strategy == "diverse" and len(sentences) < 2:
+        raise SentenceError("MCPL-diverse needs at least two images with sentences")
+    if strategy in ("one", "all") and len(sentences) != 1:
+        raise SentenceError(f"MCPL-{strategy} takes exactly one image; use 'diverse' for a group")
+    tokens: dict[str, LearnableToken] = {}
+    cores: list[list[str]] = []
+    learnable_words: set[str] = set()
+    for sentence in sentences:
+        core: list[str] = []
+        pieces = sentence.pieces if strategy == "all" else _strip_prefix(sentence.pieces)
+        for i, piece in enumerate(pieces):
+            if isinstance(piece, Concept):
+                tok = LearnableToken(piece.token, piece.initializer, piece.name, piece.adjective)
+                known = tokens.setdefault(tok.token, tok)
+                if known.initializer != tok.initializer or known.adjective != tok.adjective:
+                    raise SentenceError(
+                        f"{tok.token} is used with different initializers/adjectives across the group")
+                core.append(tok.token)
+            elif strategy == "all" and re.match(r"^[A-Za-z0-9'-]+$", piece):
+                word = piece.lower()
+                tok = LearnableToken(f"<w{i}.{word}>", word, f"w{i}.{word}")
+                tokens[tok.token] = tok
+                learnable_words.add(word)
+                core.append(tok.token)
+            else:
+                core.append(piece)
+        cores.append(core)
+    adjectives = {t.adjective for t in tokens.values() if t.adjective}
+    templates = valid_templates(cores, learnable_words | adjectives) if use_templates else ["{}"]
+    return PromptPlan(tokens=list(tokens.values()), cores=cores, templates=templates, num_vectors=num_vectors)
+
+
+def _strip_prefix(pieces: Sequence[str | Concept]) -> list[str | Concept]:
+    """Drop a leading 'a photo of' so templates do not stack prefixes ('a photo of a photo of')."""
+    for prefix in PREFIXES:
+        words = prefix.split()
+        head = [p.lower() if isinstance(p, str) else None for p in pieces[: len(words)]]
+        if head == words and len(pieces) > len(words):
+            return list(pieces[len(words):])
+    return list(pieces)
+
+
+def valid_templates(cores: Sequence[Sequence[str]], forbidden_words: set[str]) -> list[str]:
+    """Templates whose words avoid learnable words/adjectives and never double a word."""
+    out = []
+    for template in TEMPLATES:
+        words = set(template.replace("{}", " ").split())
+        if words & forbidden_words:
+            continue
+        if any(_has_repeat(template.format(" ".join(core)).split()) for core in cores):
+            continue
+        out.append(template)
+    return out
+
+
+def _has_repeat(words: Sequence[str]) -> bool:
+    return any(a.lower() == b.lower() for a, b in zip(words, words[1:], strict=False))
