@@ -89,9 +89,9 @@ def load_components(model: str, device: str | torch.device | None = None,
         raise ModelLoadError(f"model folder {model} does not exist")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype)
         scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -60,6 +60,11 @@ class Sentence:
     def words(self) -> list[str]:
         return [p for p in self.pieces if isinstance(p, str)]
 
+    def as_prompt(self) -> str:
+        """The sentence as a prompt, each marker replaced by its placeholder token."""
+        text = " ".join(p.token if isinstance(p, Concept) else p for p in self.pieces)
+        return re.sub(r" ([.,!?;:])", r"\1", text)
+
 
 def parse_sentence(text: str) -> Sentence:
     """Parse the concept syntax; raise SentenceError naming what is wrong."""

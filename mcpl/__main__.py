@@ -1,0 +1,5 @@
+import sys
+
+from mcpl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the `mcpl` CLI; each module exposes `register(subparsers)`."""
