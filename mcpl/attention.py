@@ -116,9 +116,13 @@ class CaptureProcessor:
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, mask)
-        self.store.record(probs, attn.heads)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        if self.store.enabled:
+            probs = attn.get_attention_scores(query, key, mask)
+            self.store.record(probs, attn.heads)
+            out = torch.bmm(probs, value)
+        else:  # nothing to record: the fused kernel, same result
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+        out = attn.batch_to_head_dim(out)
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial:
             out = out.transpose(-1, -2).reshape(b, ch, h, w)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from mcpl.config import TrainConfig
 from mcpl.embeddings import EMBEDS_FILE, save_concept
 from mcpl.evaluate import concept_metrics
-from mcpl.images import image_hash, square_resize
+from mcpl.images import square_resize
 from mcpl.models import Components, load_components, model_hash
 from mcpl.overlay import attention_figure, grid
 from mcpl.prompts import parse_sentence

@@ -98,7 +98,7 @@ def _parse_marker(body: str, text: str) -> Concept:
     if not name or not NAME_RE.match(name):
         raise SentenceError(f"invalid placeholder name {name!r} in {text!r} (letters, digits, _ and -)")
     initializer = fields[1] if len(fields) > 1 else name
-    if not initializer or not re.match(r"^[A-Za-z0-9'-]+$", initializer):
+    if not initializer or not re.match(r"^[\w'-]+$", initializer):
         raise SentenceError(f"invalid initializer word {initializer!r} for <{name}> (one word)")
     adjective = fields[2] if len(fields) > 2 and fields[2] else None
     return Concept(name=name, initializer=initializer.lower(), adjective=adjective.lower() if adjective else None)

@@ -119,10 +119,15 @@ class MCPLTrainer:
                                 f"{self.plan.prompt(0, '{}')!r}")
         return fits
 
-    def encode_prompts(self, image_index: Sequence[int], templates: Sequence[str]) -> TextBatch:
+    def encode_prompts(self, image_index: Sequence[int], templates: Sequence[str],
+                       full_length: bool = True) -> TextBatch:
+        """Tokenise prompts. The UNet needs full-length conditioning; PromptCL-only views can
+        stop at the longest prompt, since CLIP's causal encoder gives earlier positions the
+        same features whatever padding follows (that keeps PromptCL cheap)."""
         prompts = [self.plan.prompt(i, t) for i, t in zip(image_index, templates, strict=True)]
-        ids = self.c.tokenizer(prompts, padding="max_length", max_length=self.c.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids
+        ids = self.c.tokenizer(prompts, padding="max_length" if full_length else "longest",
+                               max_length=self.c.tokenizer.model_max_length, truncation=True,
+                               return_tensors="pt").input_ids
         n, length, n_concepts = ids.shape[0], ids.shape[1], len(self.labels)
         concept_w = torch.zeros(n, n_concepts, length)
         adjective_w = torch.zeros(n, n_concepts, length)
@@ -156,15 +161,18 @@ class MCPLTrainer:
 
     # ---------------------------------------------------------------------------- model
     def predict_with_maps(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
-                          concept_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """UNet prediction and per-sample concept maps (B, C, h, w) from the same pass."""
+                          concept_weights: torch.Tensor,
+                          record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """UNet prediction and per-sample concept maps (B, C, h, w) from the same pass
+        (None while recording is off: then the capture layers run the fused kernel)."""
         self.store.reset()
+        self.store.enabled = record
         self.store.key_weights = concept_weights.to(self.c.device)
         self.store.rows = slice(None)
         self.store.latent_hw = tuple(noisy.shape[-2:])
         prediction = self.c.unet(noisy.to(self.c.dtype), timesteps.to(self.c.device),
                                  encoder_hidden_states=text.to(self.c.dtype)).sample
-        return prediction, self.store.aggregate()
+        return prediction, self.store.aggregate() if record else None
 
     def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         kind = self.c.scheduler.config.prediction_type
@@ -211,17 +219,20 @@ class MCPLTrainer:
         latents = self.latents.sample(index.to(device), flip.to(device), eps)
         noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = self.c.scheduler.add_noise(latents, noise, timesteps)
-        view_index = [int(i) for _ in range(views) for i in index]
-        view_templates = [self.plan.templates[int(picks[b][v])] for v in range(views) for b in range(batch)]
-        text = self.encode_prompts(view_index, view_templates)
+        images = [int(i) for i in index]
+        text = self.encode_prompts(images, [self.plan.templates[int(p[0])] for p in picks])
         hidden = self.encode_text(text.ids)
-        prediction, maps = self.predict_with_maps(noisy, timesteps, hidden[:batch], text.concept_weights[:batch])
-        mask = self._mask(maps, index, flip)
+        prediction, maps = self.predict_with_maps(noisy, timesteps, hidden, text.concept_weights,
+                                                  record=cfg.attn_mask)
+        mask = self._mask(maps, index, flip) if maps is not None else None
         noise_loss = masked_noise_loss(prediction, self._target(latents, noise, timesteps), mask)
         loss = noise_loss
         logs = {"noise_loss": float(noise_loss.detach())}
         if cfg.prompt_cl:
-            cl = self.contrastive_loss(hidden, text)
+            extra = self.encode_prompts(images * (views - 1), [self.plan.templates[int(p[v])]
+                                                               for v in range(1, views) for p in picks],
+                                        full_length=False)
+            cl = self.contrastive_loss([(hidden, text), (self.encode_text(extra.ids), extra)])
             loss = loss + cfg.cl_weight * cl
             logs["cl_loss"] = float(cl.detach())
         for group in self.optimizer.param_groups:
@@ -234,22 +245,26 @@ class MCPLTrainer:
                     mask_fraction=float(mask.mean()) if mask is not None else 1.0)
         return logs
 
-    def contrastive_loss(self, hidden: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        """PromptCL over all prompt views; Bind adj adds each concept's adjective as a positive."""
-        weights = text.concept_weights.to(hidden.device, hidden.dtype)
-        features = torch.einsum("ncl,nld->ncd", weights, hidden)
-        present = text.concept_weights.sum(-1) > 0
-        labels = torch.arange(len(self.labels)).expand_as(present)
-        items, item_labels, anchors = [features[present.to(hidden.device)]], [labels[present]], [labels[present] >= 0]
-        if self.config.bind_adj:
-            adj_present = text.adjective_weights.sum(-1) > 0
-            if bool(adj_present.any()):
-                adj = torch.einsum("ncl,nld->ncd", text.adjective_weights.to(hidden.device, hidden.dtype), hidden)
-                items.append(adj[adj_present.to(hidden.device)])
-                item_labels.append(labels[adj_present])
-                anchors.append(torch.zeros(int(adj_present.sum()), dtype=torch.bool))
-        return prompt_contrastive_loss(torch.cat(items), torch.cat(item_labels).to(hidden.device),
-                                       torch.cat(anchors).to(hidden.device), self.config.cl_temperature)
+    def contrastive_loss(self, views: Sequence[tuple[torch.Tensor, TextBatch]]) -> torch.Tensor:
+        """PromptCL over all prompt views; Bind adj adds each concept's adjective as a positive.
+
+        `views` pairs encoder outputs (N, L, D) with their TextBatch; items are pooled over all.
+        """
+        items, labels, anchors = [], [], []
+        kinds = [("concept", True)] + ([("adjective", False)] if self.config.bind_adj else [])
+        for hidden, text in views:
+            for kind, is_anchor in kinds:
+                weights = text.concept_weights if kind == "concept" else text.adjective_weights
+                present = weights.sum(-1) > 0  # (N, C)
+                if not bool(present.any()):
+                    continue
+                features = torch.einsum("ncl,nld->ncd", weights.to(hidden.device, hidden.dtype), hidden)
+                items.append(features[present.to(hidden.device)])
+                labels.append(present.nonzero()[:, 1])
+                anchors.append(torch.full((int(present.sum()),), is_anchor))
+        device = views[0][0].device
+        return prompt_contrastive_loss(torch.cat(items), torch.cat(labels).to(device), torch.cat(anchors).to(device),
+                                       self.config.cl_temperature)
 
     # ------------------------------------------------------------------------ checkpoints
     @property

@@ -1,0 +1,274 @@
+"""The training engine on a tiny random SD model loaded through the real loading path."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import two_square_image
+
+from mcpl.attention import AttentionStore, cross_attention_layers, install_capture, select_layers, union_mask
+from mcpl.config import TrainConfig
+from mcpl.learned import frozen_table, initializer_embedding
+from mcpl.losses import prompt_contrastive_loss
+from mcpl.models import ModelLoadError, load_components
+from mcpl.prompts import SentenceError
+from mcpl.train import JobInput, MCPLTrainer
+
+TWO = "a photo of a red <c1|object|red> and a blue <c2|thing|blue>"
+
+
+def make_trainer(model: str, config: TrainConfig, sentences=(TWO,), out_dir=None, images=None) -> MCPLTrainer:
+    images = images or [two_square_image()] * len(sentences)
+    inputs = [JobInput.from_text(img, s) for img, s in zip(images, sentences, strict=True)]
+    return MCPLTrainer(load_components(model), inputs, config, out_dir=out_dir, progress=False)
+
+
+def test_only_the_new_rows_change(tiny_model):
+    trainer = make_trainer(tiny_model, TrainConfig.full_mcpl(steps=4))
+    c = trainer.c
+    frozen = {f"unet.{k}": v.clone() for k, v in c.unet.state_dict().items()}
+    frozen.update({f"vae.{k}": v.clone() for k, v in c.vae.state_dict().items()})
+    frozen.update({f"text.{k}": v.clone() for k, v in c.text_encoder.state_dict().items() if "rows" not in k})
+    start = trainer.embedding.rows.detach().clone()
+    trainable = [p for m in (c.unet, c.vae, c.text_encoder) for p in m.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0] is trainer.embedding.rows
+    trainer.train()
+    after = {f"unet.{k}": v for k, v in c.unet.state_dict().items()}
+    after.update({f"vae.{k}": v for k, v in c.vae.state_dict().items()})
+    after.update({f"text.{k}": v for k, v in c.text_encoder.state_dict().items() if "rows" not in k})
+    assert after.keys() == frozen.keys()
+    assert all(torch.equal(after[k], frozen[k]) for k in frozen)
+    assert not torch.equal(trainer.embedding.rows.detach(), start)
+    assert trainer.embedding.rows.dtype == torch.float32
+
+
+def test_new_tokens_start_from_their_own_initializers(tiny_model):
+    trainer = make_trainer(tiny_model, TrainConfig(num_vectors=2))
+    rows = trainer.embedding.rows.detach()
+    obj = initializer_embedding(trainer.c, "object")
+    thing = initializer_embedding(trainer.c, "thing")
+    for i, expected in enumerate([obj, obj, thing, thing]):
+        assert torch.allclose(rows[i], expected)
+
+
+def test_learned_rows_replace_only_new_ids(tiny_model):
+    trainer = make_trainer(tiny_model, TrainConfig())
+    tok = trainer.c.tokenizer
+    ids = tok(["a red <c1> and <c2>"], return_tensors="pt").input_ids
+    emb = trainer.embedding(ids)[0]
+    table = frozen_table(trainer.c.text_encoder)
+    for pos, i in enumerate(ids[0].tolist()):
+        expected = trainer.embedding.rows[i - trainer.embedding.first_new_id] if i >= trainer.embedding.first_new_id \
+            else table[i]
+        assert torch.allclose(emb[pos], expected)
+
+
+def test_capture_processor_computes_the_same_output(tiny_model):
+    c = load_components(tiny_model)
+    torch.manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, c.tokenizer.model_max_length, 32)
+    t = torch.tensor([10, 500])
+    reference = c.unet(latents, t, encoder_hidden_states=text).sample
+    store = AttentionStore()
+    store.key_weights = torch.rand(2, 3, c.tokenizer.model_max_length)
+    store.latent_hw = (8, 8)
+    install_capture(c.unet, store, select_layers(c.unet, ["attn2"]))
+    captured = c.unet(latents, t, encoder_hidden_states=text).sample
+    assert torch.allclose(reference, captured, atol=1e-5)
+    store.enabled = False  # not recording: the fused path must agree too
+    assert torch.allclose(reference, c.unet(latents, t, encoder_hidden_states=text).sample, atol=1e-5)
+    store.enabled = True
+    assert len(store.maps) == len(cross_attention_layers(c.unet)) == 4
+    assert store.maps[0].shape[:2] == (2, 3)
+
+
+def test_batch_of_two_images_gives_the_same_masks_as_each_alone(tiny_model):
+    """Catches masks taken from the wrong samples (the paper code's CFG halving, OR with sample 0)."""
+    images = [two_square_image(), two_square_image(((0, 200, 0), (250, 250, 0)))]
+    sentences = ["a red <c1|object|red> and a blue <c2|thing|blue>", "a <c2|thing|blue> blue and <c1|object|red> red"]
+    trainer = make_trainer(tiny_model, TrainConfig(strategy="diverse", attention_layers=["attn2"]), sentences,
+                           images=images)
+    g = torch.Generator().manual_seed(0)
+    index, flip = torch.tensor([0, 1]), torch.tensor([False, True])
+    latents = trainer.latents.sample(index, flip, torch.randn(2, 4, 8, 8, generator=g))
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([300, 700])
+    noisy = trainer.c.scheduler.add_noise(latents, noise, t)
+    text = trainer.encode_prompts([0, 1], ["{}", "a photo of {}"])
+    with torch.no_grad():
+        hidden = trainer.encode_text(text.ids)
+        _, both = trainer.predict_with_maps(noisy, t, hidden, text.concept_weights)
+        alone = [trainer.predict_with_maps(noisy[i:i + 1], t[i:i + 1], hidden[i:i + 1],
+                                           text.concept_weights[i:i + 1])[1] for i in range(2)]
+    for i in range(2):
+        assert torch.allclose(both[i], alone[i][0], atol=1e-6)
+        for k in (0.3, 0.5, 0.7):
+            assert torch.equal(union_mask(both[i:i + 1], k, (8, 8)), union_mask(alone[i], k, (8, 8)))
+    assert not torch.allclose(both[0], both[1], atol=1e-4), "the two samples should attend differently"
+
+
+def test_mask_is_exactly_the_thresholded_union():
+    maps = torch.zeros(2, 2, 4, 4)
+    maps[0, 0, 0, 0], maps[0, 0, 0, 1], maps[0, 0, 1, 1] = 2.0, 1.2, 0.8  # /2 -> 1, .6, .4
+    maps[0, 1, 3, 3], maps[0, 1, 3, 2] = 0.2, 0.11  # /0.2 -> 1, .55
+    maps[1, 0] = 0.1  # flat map: everything equals the max -> all kept
+    maps[1, 1, 2, 2] = 5.0
+    mask = union_mask(maps, 0.5, (8, 8))
+    expected_small = torch.zeros(2, 1, 4, 4)
+    expected_small[0, 0, 0, 0] = expected_small[0, 0, 0, 1] = 1
+    expected_small[0, 0, 3, 3] = expected_small[0, 0, 3, 2] = 1
+    expected_small[1, 0] = 1
+    expected = expected_small.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert torch.equal(mask, expected)
+    assert union_mask(maps, 0.5, (8, 8)).requires_grad is False
+    assert torch.equal(union_mask(maps, 0.65, (4, 4))[0, 0], torch.tensor(
+        [[1., 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]))
+
+
+@pytest.mark.parametrize("strategy, sentences", [
+    ("one", (TWO,)),
+    ("all", (TWO,)),
+    ("diverse", ("a red <c1|object|red> and a blue <c2|thing|blue>",
+                 "a blue <c2|thing|blue> by a red <c1|object|red>")),
+])
+def test_prompt_cl_gives_gradient_to_every_learned_row(tiny_model, strategy, sentences):
+    config = TrainConfig(strategy=strategy, prompt_cl=True, bind_adj=True, num_vectors=2, cl_views=2)
+    trainer = make_trainer(tiny_model, config, sentences)
+    n = len(sentences)
+    index = [i % n for i in range(4)] * 2
+    templates = [trainer.plan.templates[(k // 4) % len(trainer.plan.templates)] for k in range(8)]
+    text = trainer.encode_prompts(index, templates)
+    loss = trainer.contrastive_loss([(trainer.encode_text(text.ids), text)])
+    loss.backward()
+    grad = trainer.embedding.rows.grad
+    assert grad is not None and loss.item() > 0
+    assert (grad.norm(dim=-1) > 0).all(), grad.norm(dim=-1)
+
+
+def test_bind_adj_adds_the_adjective_as_a_positive(tiny_model):
+    plain = make_trainer(tiny_model, TrainConfig(prompt_cl=True))
+    bound = make_trainer(tiny_model, TrainConfig(prompt_cl=True, bind_adj=True))
+    with torch.no_grad():
+        bound.embedding.rows.copy_(plain.embedding.rows)
+    args = ([0, 0, 0, 0], ["{}", "a photo of {}", "{}", "a rendering of {}"])
+    t_plain, t_bound = plain.encode_prompts(*args), bound.encode_prompts(*args)
+    assert t_plain.adjective_weights.sum() == 0
+    red = bound.c.tokenizer("red", add_special_tokens=False).input_ids[0]
+    blue = bound.c.tokenizer("blue", add_special_tokens=False).input_ids[0]
+    for row in range(4):
+        ids = t_bound.ids[row]
+        assert torch.equal(t_bound.adjective_weights[row, 0] > 0, ids == red)
+        assert torch.equal(t_bound.adjective_weights[row, 1] > 0, ids == blue)
+    with torch.no_grad():
+        loss_plain = plain.contrastive_loss([(plain.encode_text(t_plain.ids), t_plain)])
+        loss_bound = bound.contrastive_loss([(bound.encode_text(t_bound.ids), t_bound)])
+    assert not torch.isclose(loss_plain, loss_bound)
+
+
+def test_contrastive_loss_matches_hand_computation():
+    f = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    labels, anchors, tau = torch.tensor([0, 0, 1, 1]), torch.tensor([True, True, True, False]), 0.5
+    sim = (f @ f.T) / tau
+    expected = []
+    for i, j in ((0, 1), (1, 0), (2, 3)):
+        others = [k for k in range(4) if k != i]
+        expected.append(-(sim[i, j] - torch.logsumexp(sim[i, others], 0)))
+    got = prompt_contrastive_loss(f, labels, anchors, tau)
+    assert torch.isclose(got, torch.stack(expected).mean())
+    # the adjective-like item (index 3) changes the result when it is a positive
+    without = prompt_contrastive_loss(f[:3], labels[:3], anchors[:3], tau)
+    assert not torch.isclose(got, without)
+
+
+def test_short_prompt_cl_views_match_full_length_features(tiny_model):
+    """PromptCL-only views are encoded without padding to the max: features must not change."""
+    trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True))
+    args = ([0, 0], ["{}", "a photo of {}"])
+    full, short = trainer.encode_prompts(*args), trainer.encode_prompts(*args, full_length=False)
+    assert short.ids.shape[1] < full.ids.shape[1]
+    with torch.no_grad():
+        f_full = torch.einsum("ncl,nld->ncd", full.concept_weights, trainer.encode_text(full.ids))
+        f_short = torch.einsum("ncl,nld->ncd", short.concept_weights, trainer.encode_text(short.ids))
+    assert torch.allclose(f_full, f_short, atol=1e-5)
+
+
+def test_running_mask_source_averages_over_steps(tiny_model):
+    trainer = make_trainer(tiny_model, TrainConfig(attn_mask=True, mask_source="running", steps=3, batch_size=2))
+    trainer.train()
+    assert trainer.running_maps is not None
+    assert int(trainer.running_count.sum()) == 6
+    assert all(0 < h["mask_fraction"] <= 1 for h in trainer.history)
+
+
+def test_resume_equals_uninterrupted(tiny_model, tmp_path):
+    config = TrainConfig.full_mcpl(steps=6, checkpoint_every=2, mask_source="running", batch_size=2)
+    straight = make_trainer(tiny_model, config, out_dir=tmp_path / "a").train()
+    first = make_trainer(tiny_model, config, out_dir=tmp_path / "b")
+    first.train(max_steps=3)  # stops after step 3; newest checkpoint is step 2
+    resumed = make_trainer(tiny_model, config, out_dir=tmp_path / "b")
+    steps_seen = []
+
+    class Recorder:
+        def on_step(self, step, logs):
+            steps_seen.append(step)
+
+        def on_checkpoint(self, step, path):
+            pass
+
+    resumed.callbacks.append(Recorder())
+    final = resumed.train()
+    assert steps_seen[0] == 3, "resume should continue from the step-2 checkpoint"
+    for token in straight:
+        assert torch.equal(straight[token], final[token]), token
+
+
+def test_resume_refuses_checkpoints_of_another_job(tiny_model, tmp_path):
+    make_trainer(tiny_model, TrainConfig(steps=2, checkpoint_every=1), out_dir=tmp_path).train()
+    with pytest.raises(RuntimeError, match="different job"):
+        make_trainer(tiny_model, TrainConfig(steps=2, checkpoint_every=1, seed=5), out_dir=tmp_path).train()
+
+
+def test_v_prediction_target(tiny_model):
+    trainer = make_trainer(tiny_model, TrainConfig())
+    trainer.c.scheduler.register_to_config(prediction_type="v_prediction")
+    z, n, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([400])
+    assert torch.allclose(trainer._target(z, n, t), trainer.c.scheduler.get_velocity(z, n, t))
+
+
+def test_split_initializer_is_averaged_with_a_warning(tiny_model):
+    c = load_components(tiny_model)
+    pieces = c.tokenizer("zebra", add_special_tokens=False).input_ids
+    assert len(pieces) > 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb = initializer_embedding(c, "zebra")
+    assert any("averaged" in str(w.message) for w in caught)
+    assert torch.allclose(emb, frozen_table(c.text_encoder)[pieces].mean(0))
+
+
+def test_unknown_initializer_and_known_placeholder_are_rejected(tiny_model):
+    with pytest.raises(SentenceError, match="not known"):
+        make_trainer(tiny_model, TrainConfig(), ("a <c1|été>",))
+    with pytest.raises(SentenceError, match="already in the tokenizer"):
+        c = load_components(tiny_model)
+        c.tokenizer.add_tokens(["<c1>"])
+        c.text_encoder.resize_token_embeddings(len(c.tokenizer))
+        MCPLTrainer(c, [JobInput.from_text(two_square_image(), "a <c1>")], TrainConfig(), progress=False)
+
+
+def test_too_long_sentence_is_a_clear_error(tiny_model):
+    long = "a " + " ".join(["red"] * 40) + " <c1>"
+    with pytest.raises(SentenceError, match="longer than the model"):
+        make_trainer(tiny_model, TrainConfig(), (long,))
+
+
+def test_model_loading_errors(tiny_model, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_components(str(tmp_path / "nope"))
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match="missing tokenizer, text_encoder, vae, scheduler"):
+        load_components(str(tmp_path / "partial"))
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_components("someone/not-a-cached-model")

@@ -1,0 +1,116 @@
+"""Concept sentences: parsing, documented errors, strategies and templates."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcpl.prompts import (
+    TEMPLATES,
+    Concept,
+    SentenceError,
+    check_against_vocab,
+    parse_sentence,
+    plan_prompts,
+)
+
+SENTENCE = "a photo of a brown <dog|dog|brown> on a rolling <skateboard|board>"
+
+
+def test_parse_markers_initializers_and_adjectives():
+    s = parse_sentence(SENTENCE)
+    assert s.concepts == [Concept("dog", "dog", "brown"), Concept("skateboard", "board", None)]
+    assert s.as_prompt() == "a photo of a brown <dog> on a rolling <skateboard>"
+    assert parse_sentence("a <cat>").concepts == [Concept("cat", "cat", None)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a photo of a dog", "no placeholder"),
+    ("a photo of a <dog", "unbalanced '<'"),
+    ("a photo of a dog> here <cat>", "unbalanced '>'"),
+    ("a <dog <cat>>", "unbalanced '<'"),
+    ("a <dog> and a <dog|puppy>", "duplicate placeholder"),
+    ("a <dog|dog|fluffy> on grass", "adjective 'fluffy'"),
+    ("a <> here", "invalid placeholder name"),
+    ("a <do g> here", "invalid placeholder name"),
+    ("a <dog|two words> here", "invalid initializer"),
+    ("a <dog|dog|brown|x> brown", "4 fields"),
+    ("   ", "empty sentence"),
+])
+def test_bad_sentences_raise_documented_errors(text, message):
+    with pytest.raises(SentenceError, match=message):
+        parse_sentence(text)
+
+
+def test_placeholder_already_in_vocabulary_is_rejected():
+    with pytest.raises(SentenceError, match="already in the tokenizer's vocabulary"):
+        check_against_vocab([parse_sentence("a <dog>")], {"<dog>": 5})
+
+
+def test_mcpl_one_learns_only_the_concepts():
+    plan = plan_prompts([parse_sentence(SENTENCE)], "one")
+    assert [t.token for t in plan.tokens] == ["<dog>", "<skateboard>"]
+    assert [t.initializer for t in plan.tokens] == ["dog", "board"]
+    assert plan.adjectives(0) == {"dog": "brown"}
+
+
+def test_mcpl_all_learns_every_word_each_from_itself():
+    plan = plan_prompts([parse_sentence(SENTENCE)], "all")
+    words = [t.initializer for t in plan.tokens]
+    assert words == ["a", "photo", "of", "a", "brown", "dog", "on", "a", "rolling", "board"]
+    assert len({t.token for t in plan.tokens}) == len(plan.tokens)  # each occurrence its own token
+    # the adjective became learnable: Bind adj points at its token
+    assert plan.adjectives(0)["dog"].startswith("<w") and "brown" in plan.adjectives(0)["dog"]
+
+
+def test_mcpl_diverse_shares_tokens_across_images():
+    plan = plan_prompts([parse_sentence("a red <c1|object|red> near a <c2|thing>"),
+                         parse_sentence("a <c2|thing> under a red <c1|object|red>")], "diverse")
+    assert [t.token for t in plan.tokens] == ["<c1>", "<c2>"]
+    assert "<c1>" in plan.prompt(1, "{}") and "<c2>" in plan.prompt(0, "{}")
+
+
+def test_strategy_image_count_is_checked():
+    s = parse_sentence(SENTENCE)
+    with pytest.raises(SentenceError, match="at least two"):
+        plan_prompts([s], "diverse")
+    with pytest.raises(SentenceError, match="exactly one"):
+        plan_prompts([s, s], "one")
+
+
+def test_diverse_group_with_conflicting_initializers_is_rejected():
+    with pytest.raises(SentenceError, match="different initializers"):
+        plan_prompts([parse_sentence("a <c1|cat>"), parse_sentence("a <c1|dog>")], "diverse")
+
+
+@pytest.mark.parametrize("strategy", ["one", "all"])
+def test_templates_never_collide_or_duplicate(strategy):
+    sentences = [SENTENCE, "a photo of a red <c1|object|red> and a photo <c2|thing>",
+                 "a <x|object|good> good thing", "the <y> of the photo"]
+    for text in sentences:
+        plan = plan_prompts([parse_sentence(text)], strategy)
+        forbidden = {t.initializer for t in plan.tokens if strategy == "all"} | {
+            t.adjective for t in plan.tokens if t.adjective}
+        for template in plan.templates:
+            words = template.replace("{}", " ").split()
+            assert not set(words) & forbidden, (text, template)
+            prompt = plan.prompt(0, template).split()
+            assert all(a != b for a, b in zip(prompt, prompt[1:], strict=False)), prompt
+            assert not prompt[:6] == ["a", "photo", "of", "a", "photo", "of"]
+
+
+def test_templates_exclude_adjective_words():
+    plan = plan_prompts([parse_sentence("a bright <lamp|lamp|bright> on a desk")], "one")
+    assert "a bright photo of {}" in TEMPLATES
+    assert "a bright photo of {}" not in plan.templates
+    assert "{}" in plan.templates
+
+
+def test_leading_prefix_is_not_stacked_under_templates():
+    plan = plan_prompts([parse_sentence(SENTENCE)], "one")
+    assert plan.prompt(0, "a photo of {}") == "a photo of a brown <dog> on a rolling <skateboard>"
+
+
+def test_multi_vector_tokens_follow_diffusers_convention():
+    plan = plan_prompts([parse_sentence("a <dog>")], "one", num_vectors=3)
+    assert plan.all_token_strings() == ["<dog>", "<dog>_1", "<dog>_2"]
+    assert plan.prompt(0, "{}") == "a <dog> <dog>_1 <dog>_2"
