@@ -68,14 +68,21 @@ def image_attention_maps(trainer: MCPLTrainer, image_index: int, n_timesteps: in
 def run_job(model: str | Components, inputs: Sequence[JobInput], config: TrainConfig, out_dir: str | Path,
             callbacks: Sequence[TrainCallback] = (), device: str | None = None, samples: int = 2,
             sample_steps: int = 25, progress: bool = True) -> JobResult:
-    """Train (resuming if checkpoints exist) and write the job's bundle."""
+    """Train (resuming if checkpoints exist) and write the job's bundle.
+
+    `model` is a model id/folder, or already loaded Components to share across jobs of one
+    process (the trainer hands them back unchanged).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     components = model if isinstance(model, Components) else load_components(model, device)
     started = time.time()
     trainer = MCPLTrainer(components, inputs, config, out, callbacks=callbacks, progress=progress)
-    vectors = trainer.train()
-    record = write_bundle(trainer, vectors, out)
+    try:
+        vectors = trainer.train()
+        record = write_bundle(trainer, vectors, out)
+    finally:
+        trainer.close()
     record["wall_seconds"] = round(time.time() - started, 2)
     if samples:
         record["samples"] = write_samples(components.name, out, record, samples, sample_steps, config.seed,

@@ -8,6 +8,8 @@ learned words' cross-attention per sample, optionally mask the loss by those map
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mcpl.attention import AttentionStore, install_capture, select_layers, union_mask
+from mcpl.attention import AttentionStore, install_capture, restore_processors, select_layers, union_mask
 from mcpl.checkpoint import load_latest, save_checkpoint
 from mcpl.config import TrainConfig
 from mcpl.images import LatentCache, encode_images, image_hash
@@ -76,7 +78,8 @@ class MCPLTrainer:
                  progress: bool = True) -> None:
         if not inputs:
             raise ValueError("a job needs at least one image")
-        self.c = components
+        # The job's own tokenizer copy: the caller's components stay reusable after close().
+        self.c = dataclasses.replace(components, tokenizer=copy.deepcopy(components.tokenizer))
         self.inputs = list(inputs)
         self.config = config
         self.out_dir = Path(out_dir) if out_dir else None
@@ -84,8 +87,9 @@ class MCPLTrainer:
         self.progress = progress
         self.plan: PromptPlan = plan_prompts([i.sentence for i in inputs], config.strategy,
                                              config.num_vectors, config.use_templates)
-        self.embedding: LearnedTokenEmbedding = attach_learned_tokens(components, self.plan)
+        self.embedding: LearnedTokenEmbedding = attach_learned_tokens(self.c, self.plan)
         self.labels = self.plan.labels
+        self._prompt_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
         self.plan.templates = self._fitting_templates()
         self.token_ids = [self.c.tokenizer.convert_tokens_to_ids(self.plan.token_strings(t))
                           for t in self.plan.tokens]
@@ -97,7 +101,7 @@ class MCPLTrainer:
                                     config.attention_downscale or components.hints.get("attention_downscale"))
         self.store = AttentionStore()
         self.store.latent_hw = self.latent_hw
-        install_capture(components.unet, self.store, self.layers)
+        self._previous_processors = install_capture(components.unet, self.store, self.layers)
         self.lr = config.learning_rate or default_learning_rate(components, config.batch_size)
         self.optimizer = torch.optim.AdamW([self.embedding.rows], lr=self.lr, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -121,27 +125,36 @@ class MCPLTrainer:
 
     def encode_prompts(self, image_index: Sequence[int], templates: Sequence[str],
                        full_length: bool = True) -> TextBatch:
-        """Tokenise prompts. The UNet needs full-length conditioning; PromptCL-only views can
-        stop at the longest prompt, since CLIP's causal encoder gives earlier positions the
-        same features whatever padding follows (that keeps PromptCL cheap)."""
-        prompts = [self.plan.prompt(i, t) for i, t in zip(image_index, templates, strict=True)]
-        ids = self.c.tokenizer(prompts, padding="max_length" if full_length else "longest",
-                               max_length=self.c.tokenizer.model_max_length, truncation=True,
-                               return_tensors="pt").input_ids
-        n, length, n_concepts = ids.shape[0], ids.shape[1], len(self.labels)
-        concept_w = torch.zeros(n, n_concepts, length)
-        adjective_w = torch.zeros(n, n_concepts, length)
-        for c, token_ids in enumerate(self.token_ids):
-            hits = torch.isin(ids, torch.tensor(token_ids)).float()
-            concept_w[:, c] = hits / hits.sum(-1, keepdim=True).clamp_min(1)
-        if self.config.bind_adj:
-            for row, img in enumerate(image_index):
-                for label, entry in self.plan.adjectives(img).items():
-                    c = self.labels.index(label)
-                    span = self._find(ids[row].tolist(), self._entry_ids(entry))
+        """Tokenised prompts with concept/adjective positions, from a per-(image, template) cache.
+
+        The UNet needs full-length conditioning; PromptCL-only views stop at the longest
+        prompt, since CLIP's causal encoder gives earlier positions the same features
+        whatever padding follows (that keeps PromptCL cheap).
+        """
+        rows = [self._prompt_row(i, t) for i, t in zip(image_index, templates, strict=True)]
+        length = self.c.tokenizer.model_max_length if full_length else max(r[3] for r in rows)
+        return TextBatch(*(torch.stack([r[k][..., :length] for r in rows]) for k in range(3)))
+
+    def _prompt_row(self, image: int, template: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(ids (L,), concept weights (C, L), adjective weights (C, L), used length) of one prompt."""
+        key = (image, template)
+        if key not in self._prompt_cache:
+            encoded = self.c.tokenizer(self.plan.prompt(image, template), padding="max_length",
+                                       max_length=self.c.tokenizer.model_max_length, truncation=True,
+                                       return_tensors="pt")
+            ids = encoded.input_ids[0]
+            concept_w = torch.zeros(len(self.labels), ids.shape[0])
+            adjective_w = torch.zeros_like(concept_w)
+            for c, token_ids in enumerate(self.token_ids):
+                hits = torch.isin(ids, torch.tensor(token_ids)).float()
+                concept_w[c] = hits / hits.sum().clamp_min(1)
+            if self.config.bind_adj:
+                for label, entry in self.plan.adjectives(image).items():
+                    span = self._find(ids.tolist(), self._entry_ids(entry))
                     if span:
-                        adjective_w[row, c, span[0]:span[1]] = 1.0 / (span[1] - span[0])
-        return TextBatch(ids, concept_w, adjective_w)
+                        adjective_w[self.labels.index(label), span[0]:span[1]] = 1.0 / (span[1] - span[0])
+            self._prompt_cache[key] = (ids, concept_w, adjective_w, int(encoded.attention_mask.sum()))
+        return self._prompt_cache[key]
 
     def _entry_ids(self, entry: str) -> list[int]:
         strings = next((self.plan.token_strings(t) for t in self.plan.tokens if t.token == entry), None)
@@ -339,6 +352,11 @@ class MCPLTrainer:
                 self.save_checkpoint()
         bar.close()
         return self.learned_vectors()
+
+    def close(self) -> None:
+        """Give the frozen modules back untouched (original embedding table and processors)."""
+        self.c.text_encoder.set_input_embeddings(self.embedding.base)
+        restore_processors(self.c.unet, self._previous_processors)
 
     def learned_vectors(self) -> dict[str, torch.Tensor]:
         return token_vectors(self.plan, self.embedding.rows)

@@ -272,3 +272,16 @@ def test_model_loading_errors(tiny_model, tmp_path):
         load_components(str(tmp_path / "partial"))
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_components("someone/not-a-cached-model")
+
+
+def test_components_are_reusable_after_a_job(tiny_model):
+    c = load_components(tiny_model)
+    vocab, embedding = len(c.tokenizer), c.text_encoder.get_input_embeddings()
+    processors = {k: type(v) for k, v in c.unet.attn_processors.items()}
+    first = MCPLTrainer(c, [JobInput.from_text(two_square_image(), TWO)], TrainConfig(steps=1), progress=False)
+    first.train()
+    first.close()
+    assert len(c.tokenizer) == vocab and c.text_encoder.get_input_embeddings() is embedding
+    assert {k: type(v) for k, v in c.unet.attn_processors.items()} == processors
+    second = MCPLTrainer(c, [JobInput.from_text(two_square_image(), TWO)], TrainConfig(steps=1), progress=False)
+    assert second.embedding.first_new_id == vocab
