@@ -20,6 +20,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_MODEL = REPO_ROOT / "models" / "toyworld"
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+# Optional per-model defaults in the model folder: {"learning_rate": float,
+# "attention_downscale": int, "templates": [str, ...]} (e.g. a model that never saw "a photo of").
 HINTS_FILE = "mcpl_hints.json"
 
 

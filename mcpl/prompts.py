@@ -185,8 +185,12 @@ class PromptPlan:
 
 
 def plan_prompts(sentences: Sequence[Sentence], strategy: str, num_vectors: int = 1,
-                 use_templates: bool = True) -> PromptPlan:
-    """Derive the learnable tokens and prompts of one job from its sentences."""
+                 use_templates: bool = True, templates: Sequence[str] = TEMPLATES) -> PromptPlan:
+    """Derive the learnable tokens and prompts of one job from its sentences.
+
+    `templates` are the candidates (a model may know only some phrasings); those that would
+    collide with a learnable word or an adjective, or double a word, are dropped.
+    """
     if strategy == "diverse" and len(sentences) < 2:
         raise SentenceError("MCPL-diverse needs at least two images with sentences")
     if strategy in ("one", "all") and len(sentences) != 1:
@@ -215,8 +219,8 @@ def plan_prompts(sentences: Sequence[Sentence], strategy: str, num_vectors: int 
                 core.append(piece)
         cores.append(core)
     adjectives = {t.adjective for t in tokens.values() if t.adjective}
-    templates = valid_templates(cores, learnable_words | adjectives) if use_templates else ["{}"]
-    return PromptPlan(tokens=list(tokens.values()), cores=cores, templates=templates, num_vectors=num_vectors)
+    usable = valid_templates(cores, learnable_words | adjectives, templates) if use_templates else ["{}"]
+    return PromptPlan(tokens=list(tokens.values()), cores=cores, templates=usable or ["{}"], num_vectors=num_vectors)
 
 
 def _strip_prefix(pieces: Sequence[str | Concept]) -> list[str | Concept]:
@@ -229,10 +233,11 @@ def _strip_prefix(pieces: Sequence[str | Concept]) -> list[str | Concept]:
     return list(pieces)
 
 
-def valid_templates(cores: Sequence[Sequence[str]], forbidden_words: set[str]) -> list[str]:
+def valid_templates(cores: Sequence[Sequence[str]], forbidden_words: set[str],
+                    candidates: Sequence[str] = TEMPLATES) -> list[str]:
     """Templates whose words avoid learnable words/adjectives and never double a word."""
     out = []
-    for template in TEMPLATES:
+    for template in candidates:
         words = set(template.replace("{}", " ").split())
         if words & forbidden_words:
             continue

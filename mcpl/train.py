@@ -27,7 +27,7 @@ from mcpl.images import LatentCache, encode_images, image_hash
 from mcpl.learned import LearnedTokenEmbedding, attach_learned_tokens, frozen_table, token_vectors
 from mcpl.losses import masked_noise_loss, prompt_contrastive_loss
 from mcpl.models import Components
-from mcpl.prompts import PromptPlan, Sentence, SentenceError, parse_sentence, plan_prompts
+from mcpl.prompts import TEMPLATES, PromptPlan, Sentence, SentenceError, parse_sentence, plan_prompts
 
 
 class TrainCallback(Protocol):
@@ -86,7 +86,8 @@ class MCPLTrainer:
         self.callbacks = list(callbacks)
         self.progress = progress
         self.plan: PromptPlan = plan_prompts([i.sentence for i in inputs], config.strategy,
-                                             config.num_vectors, config.use_templates)
+                                             config.num_vectors, config.use_templates,
+                                             components.hints.get("templates", TEMPLATES))
         self.embedding: LearnedTokenEmbedding = attach_learned_tokens(self.c, self.plan)
         self.labels = self.plan.labels
         self._prompt_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}

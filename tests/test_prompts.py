@@ -114,3 +114,8 @@ def test_multi_vector_tokens_follow_diffusers_convention():
     plan = plan_prompts([parse_sentence("a <dog>")], "one", num_vectors=3)
     assert plan.all_token_strings() == ["<dog>", "<dog>_1", "<dog>_2"]
     assert plan.prompt(0, "{}") == "a <dog> <dog>_1 <dog>_2"
+
+
+def test_model_template_candidates_restrict_templates():
+    plan = plan_prompts([parse_sentence(SENTENCE)], "one", templates=("{}", "a rendering of {}", "a brown {}"))
+    assert plan.templates == ["{}", "a rendering of {}"]

@@ -1,0 +1,225 @@
+"""Is a learned concept *right*? MCPL variants measured in the toy world, where truth is known.
+
+On two-object scenes built only from held-out colour-shape pairs (never seen in
+pretraining), each object's shape word is replaced by a placeholder initialised from the
+neutral word "object" (`a red <obj1|object|red> and a blue <obj2|object|blue>`), and these
+variants learn the placeholders:
+
+  separate   one concept at a time (plain textual inversion per object, its own phrase)
+  mcpl_all   MCPL-all: every word of the sentence learnable
+  mcpl_one   MCPL-one: the two placeholders
+  attn_mask  + AttnMask
+  prompt_cl  + AttnMask + PromptCL
+  bind_adj   + AttnMask + PromptCL + Bind adj (the colour word): full MCPL
+
+Per variant and concept:
+  iou        thresholded attention of the learned token on the training image vs its object's mask
+  recovery   the checker finds exactly one object, of the right shape, in "a <c>" generations and
+             in "a <colour> <c>" generations (colour must be right too)
+  share      disentanglement: share of the token's attention mass on its own object
+
+    python benchmarks/toyworld_mcpl.py                      # full run: JSON, table, picture grid
+    python benchmarks/toyworld_mcpl.py --scenes 4 --steps 20  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mcpl.config import TrainConfig  # noqa: E402
+from mcpl.evaluate import attention_iou, attention_share  # noqa: E402
+from mcpl.job import image_attention_maps  # noqa: E402
+from mcpl.models import TOY_MODEL, load_components  # noqa: E402
+from mcpl.train import JobInput, MCPLTrainer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = {
+    "separate": {},
+    "mcpl_all": {"strategy": "all"},
+    "mcpl_one": {},
+    "attn_mask": {"attn_mask": True},
+    "prompt_cl": {"attn_mask": True, "prompt_cl": True},
+    "bind_adj": {"attn_mask": True, "prompt_cl": True, "bind_adj": True},
+}
+CUTS = (0.2, 0.3, 0.5)
+
+
+def heldout_scenes(n: int, seed: int = 1000) -> list:
+    """n two-object scenes of held-out pairs (distinct colours and shapes by construction)."""
+    from mcpl.toyworld.render import HELDOUT_PAIRS, render, sample_scene
+
+    pairs = [(a, b) for i, a in enumerate(HELDOUT_PAIRS) for b in HELDOUT_PAIRS[i + 1:]]
+    return [render(sample_scene(seed + k, forced=list(pairs[k % len(pairs)]))) for k in range(n)]
+
+
+def phrases(rendered) -> list[tuple[str, str, str]]:
+    """(token name, colour, shape) per object, in caption order."""
+    return [(f"obj{k}", o.colour, o.shape) for k, o in enumerate(rendered.scene.objects, start=1)]
+
+
+def learn(model: str, image: Image.Image, sentence: str, config: TrainConfig) -> tuple[dict, dict]:
+    """Train one job in memory; return its learned vectors and per-token image maps."""
+    components = load_components(model, "cpu")
+    trainer = MCPLTrainer(components, [JobInput.from_text(image, sentence)], config, progress=False)
+    vectors = trainer.train()
+    maps = image_attention_maps(trainer, 0, config.map_timesteps)
+    trainer.close()
+    return vectors, maps
+
+
+def recovery(pipe, checker, token: str, colour: str, shape: str, n: int, steps: int, seed: int) -> dict:
+    from mcpl.generate import generate
+
+    out = {}
+    for key, prompt in (("plain", f"a {token}"), ("coloured", f"a {colour} {token}")):
+        result = generate(pipe, prompt, [], num_images=n, steps=steps, guidance=5.0, seed=seed)
+        hits = 0
+        for img in result.images:
+            found = checker.read(img)
+            ok = len(found) == 1 and found[0].shape == shape and (key == "plain" or found[0].colour == colour)
+            hits += ok
+        out[key] = hits / n
+        out[f"{key}_example"] = result.images[0]
+    return out
+
+
+def run_scene(args: tuple) -> dict:
+    """All variants on one scene (one worker process, one thread)."""
+    index, model, steps, n_images, sample_steps, lr = args
+    torch.set_num_threads(1)
+    from mcpl.generate import load_pipeline
+    from mcpl.toyworld.checker import Checker
+
+    checker = Checker.load()
+    rendered = heldout_scenes(index + 1)[index]
+    image = Image.fromarray(rendered.image)
+    objects = phrases(rendered)
+    masks = {f"<{name}>": torch.from_numpy(m) for (name, _, _), m in zip(objects, rendered.masks, strict=True)}
+    full_sentence = " and ".join(f"a {c} <{name}|object|{c}>" for name, c, _ in objects)
+    row = {"scene": index, "objects": [[c, s] for _, c, s in objects], "variants": {}}
+    examples = {}
+    for variant, fields in VARIANTS.items():
+        config = TrainConfig(**{"steps": steps, "seed": index, "learning_rate": lr, **fields})
+        started = time.perf_counter()
+        if variant == "separate":
+            vectors, maps = {}, {}
+            for name, colour, _ in objects:
+                v, m = learn(model, image, f"a {colour} <{name}|object|{colour}>", config)
+                vectors.update(v)
+                maps.update(m)
+        else:
+            vectors, maps = learn(model, image, full_sentence, config)
+        pipe = load_pipeline(model, "cpu")
+        tokens = [f"<{name}>" for name, _, _ in objects]
+        for token in tokens:
+            pipe.load_textual_inversion({token: vectors[token]}, token=token)
+        per_concept = {}
+        for (_, colour, shape), token in zip(objects, tokens, strict=True):
+            own = masks[token]
+            other = next(m for t, m in masks.items() if t != token)
+            rec = recovery(pipe, checker, token, colour, shape, n_images, sample_steps, seed=index)
+            examples.setdefault(variant, []).append(rec.pop("plain_example"))
+            rec.pop("coloured_example")
+            per_concept[token] = {
+                **{f"iou@{k}": attention_iou(maps[token], own, k) for k in CUTS},
+                **{f"iou_other@{k}": attention_iou(maps[token], other, k) for k in CUTS},
+                "share": attention_share(maps[token], own),
+                "recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"],
+            }
+        row["variants"][variant] = {"concepts": per_concept, "seconds": round(time.perf_counter() - started, 2),
+                                    "maps": {t: maps[t].tolist() for t in tokens}}
+    row["examples"] = {k: [np.asarray(img).tolist() for img in v] for k, v in examples.items()} if index < 4 else {}
+    row["image"] = rendered.image.tolist() if index < 4 else None
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for variant in VARIANTS:
+        concepts = [c for r in rows for c in r["variants"][variant]["concepts"].values()]
+        out[variant] = {key: round(statistics.mean(c[key] for c in concepts), 4) for key in concepts[0]}
+        out[variant]["recovery"] = round(statistics.mean(
+            (c["recovery_plain"] + c["recovery_coloured"]) / 2 for c in concepts), 4)
+        out[variant]["seconds_per_scene"] = round(statistics.mean(r["variants"][variant]["seconds"] for r in rows), 2)
+    return out
+
+
+def picture(rows: list[dict], path: Path) -> None:
+    """Per shown scene: the image, then each variant's two attention maps and a sample."""
+    from mcpl.overlay import grid, overlay
+
+    shown = [r for r in rows if r.get("image") is not None]
+    lines, labels = [], []
+    for r in shown:
+        image = Image.fromarray(np.asarray(r["image"], dtype=np.uint8))
+        for variant in VARIANTS:
+            maps = r["variants"][variant]["maps"]
+            panels = [image] + [overlay(image, torch.tensor(m)) for m in maps.values()]
+            panels += [Image.fromarray(np.asarray(e, dtype=np.uint8)) for e in r["examples"].get(variant, [])]
+            lines.append(panels)
+            labels.append(f"scene {r['scene']} {variant}")
+    grid(lines, labels).save(path)
+
+
+def table(summary: dict, cut: float) -> str:
+    head = f"| variant | IoU@{cut} | IoU other@{cut} | share | recovery (plain / coloured) | s/scene |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for variant, s in summary.items():
+        lines.append(f"| {variant} | {s[f'iou@{cut}']:.2f} | {s[f'iou_other@{cut}']:.2f} | {s['share']:.2f} | "
+                     f"{s['recovery_plain']:.0%} / {s['recovery_coloured']:.0%} | {s['seconds_per_scene']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(TOY_MODEL))
+    parser.add_argument("--scenes", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=None, help="default: the model's")
+    parser.add_argument("--images", type=int, default=2, help="generations per prompt for recovery")
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--cut", type=float, default=0.3, help="IoU threshold shown in the table")
+    parser.add_argument("--out", default=str(RESULTS / "toyworld_mcpl.json"))
+    args = parser.parse_args()
+    started = time.time()
+    jobs = [(i, args.model, args.steps, args.images, args.sample_steps, args.lr) for i in range(args.scenes)]
+    with ProcessPoolExecutor(args.workers) as pool:
+        rows = []
+        for row in pool.map(run_scene, jobs):
+            rows.append(row)
+            print(f"scene {row['scene']}: " + ", ".join(
+                f"{v} iou={statistics.mean(c['iou@0.3'] for c in d['concepts'].values()):.2f}"
+                for v, d in row["variants"].items()), flush=True)
+    summary = summarise(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture(rows, out.with_suffix(".png"))
+    for r in rows:
+        r.pop("examples", None)
+        r.pop("image", None)
+        for v in r["variants"].values():
+            v.pop("maps", None)
+    report = {"model": args.model, "scenes": args.scenes, "steps": args.steps, "lr": args.lr,
+              "images_per_prompt": args.images, "sample_steps": args.sample_steps, "cuts": CUTS,
+              "wall_seconds": round(time.time() - started, 1), "summary": summary, "rows": rows}
+    out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(table(summary, args.cut) + "\n")
+    print(table(summary, args.cut))
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} in {report['wall_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
