@@ -50,7 +50,8 @@ def sd15_components(device: torch.device) -> Components:
     # the vocabulary is the small test tokenizer's (embedding size does not change step time)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
                                                 num_hidden_layers=12, num_attention_heads=12,
-                                                max_position_embeddings=77, hidden_act="quick_gelu"))
+                                                max_position_embeddings=77, hidden_act="quick_gelu",
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
     unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
