@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image, apply its EXIF orientation, convert to RGB."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
 
 
 def image_hash(img: Image.Image) -> str:

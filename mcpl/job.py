@@ -113,7 +113,8 @@ def write_bundle(trainer: MCPLTrainer, vectors: dict[str, torch.Tensor], out: Pa
     images = []
     for i, item in enumerate(trainer.inputs):
         maps = image_attention_maps(trainer, i, config.map_timesteps)
-        concept_maps = {t: m for t, m in maps.items() if t in {x["token"] for x in concepts}}
+        in_sentence = {x.token for x in item.sentence.concepts}
+        concept_maps = {t: m for t, m in maps.items() if t in in_sentence}
         (out / "attention").mkdir(exist_ok=True)
         save_file({t: m.contiguous() for t, m in maps.items()}, str(out / "attention" / f"image_{i}.safetensors"))
         shown = square_resize(item.image, trainer.resolution)

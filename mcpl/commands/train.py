@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mcpl.config import TrainConfig, parse_overrides
-    from mcpl.images import load_rgb
+    from mcpl.data.files import FileCheckError, open_image
     from mcpl.job import run_job
     from mcpl.models import ModelLoadError
     from mcpl.prompts import SentenceError
@@ -68,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
         masks = {}
         for spec in args.mask:
             token, _, path = spec.partition("=")
-            masks[token.strip()] = load_rgb(path)
-        inputs = [JobInput.from_text(load_rgb(img), sentence, source=img, masks=masks if i == 0 else None)
+            masks[token.strip()] = open_image(Path(path), kind="L")[0]
+        inputs = [JobInput.from_text(open_image(Path(img))[0], sentence, source=img, masks=masks if i == 0 else None)
                   for i, (img, sentence) in enumerate(zip(args.image, args.sentence, strict=True))]
         result = run_job(resolve_model(args), inputs, config, args.out, device=args.device, samples=args.samples)
-    except (SentenceError, ModelLoadError, ValueError, FileNotFoundError) as err:
+    except (SentenceError, ModelLoadError, FileCheckError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
