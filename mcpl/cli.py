@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("train", "generate")
+COMMANDS = ("train", "generate", "data", "batch", "evaluate", "registry")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -68,6 +69,23 @@ def git_revision(repo: str | Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
+
+
+def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
+    """Get or create the experiment. With a SQLite store the artifacts go beside the database
+    (`<db folder>/mlruns`), not into whatever folder the process happens to run in."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    uri = client.tracking_uri
+    if artifact_location is None and uri.startswith("sqlite:///"):
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location)
+    except Exception as err:  # another process created it first
+        if not is_permanent(err):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def is_permanent(err: BaseException) -> bool:
@@ -237,16 +255,7 @@ class Tracker:
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment)
-            if found is None:
-                try:
-                    self._experiment_id = self.client.create_experiment(self.experiment, self.artifact_location)
-                except Exception as err:  # another process created it first
-                    if not is_permanent(err):
-                        raise
-                    self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
-            else:
-                self._experiment_id = found.experiment_id
+            self._experiment_id = experiment_id(self.client, self.experiment, self.artifact_location)
         return self._experiment_id
 
     def replay(self) -> int:
@@ -464,15 +473,16 @@ def job_lineage_tags(record: dict, extra: dict[str, Any] | None = None) -> dict[
 
 
 def log_job_result(tracker: Tracker, key: str, record: dict, out_dir: str | Path,
-                   history_logged_from: int | None = None) -> None:
-    """Params, the loss curve not yet streamed, summary metrics, lineage tags and the bundle's files."""
+                   history_before: int | None = None) -> None:
+    """Params, summary metrics, lineage tags, the bundle's files and the loss curve's steps before
+    `history_before` (steps a resumed run trained in an earlier process; None: the whole curve)."""
     out = Path(out_dir)
     tracker.log_params(key, job_params(record))
     tracker.set_tags(key, job_lineage_tags(record))
     history = record.get("history", [])
-    start = history_logged_from if history_logged_from is not None else 0
+    end = history_before if history_before is not None else len(history) + 1
     ts = now_ms()
-    rows = [[k, float(h[k]), ts, int(h["step"])] for h in history if int(h["step"]) > start
+    rows = [[k, float(h[k]), ts, int(h["step"])] for h in history if int(h["step"]) < end
             for k in LOSS_KEYS if k in h]
     if rows:
         tracker.log_metric_rows(key, rows)
@@ -483,3 +493,108 @@ def log_job_result(tracker: Tracker, key: str, record: dict, out_dir: str | Path
     for folder in ("concepts", "attention", "samples"):
         if (out / folder).is_dir():
             tracker.log_artifacts(key, out / folder, folder)
+
+
+# ------------------------------------------------------------------- one tracked job
+def job_key(parent_key: str | None, job_id: str) -> str:
+    """A job's run key: under its batch, so a retry in the same batch continues the same run."""
+    return safe_key(f"{parent_key}.job-{job_id}" if parent_key else f"job-{job_id}")
+
+
+def dataset_hash(specs: Iterable[Any]) -> str:
+    """Content hash of the data a batch trains on (images' pixel hashes, sentences, masks)."""
+    import hashlib
+
+    items = sorted(json.dumps([list(s.images), list(s.image_hashes), list(s.sentences), s.masks, s.group],
+                              sort_keys=True) for s in specs)
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+def run_tracked_job(spec: Any, out_root: str | Path, tracker: Tracker | None = None, parent_key: str | None = None,
+                    device: str | None = None, samples: int = 2, sample_steps: int = 25,
+                    callbacks: Iterable[Any] = (), skip_done: bool = True, progress: bool = False,
+                    extra_tags: dict[str, Any] | None = None) -> dict:
+    """Run one `JobSpec` into `<out_root>/jobs/<job_id>/` with its own MLflow run; raise if it fails.
+
+    Resumes from the bundle's checkpoints (so an orchestrator's retry continues), writes the
+    registry cards and `outcome.json` (read back by a parent that ran it elsewhere), and
+    logs the failure (tag, FAILED run, error.log) before re-raising.
+    """
+    import traceback
+    from dataclasses import asdict
+
+    from mcpl.batch import JobOutcome, is_done, job_dir
+    from mcpl.checkpoint import list_checkpoints
+    from mcpl.job import run_job
+    from mcpl.registry import SPEC_FILE, concept_cards
+
+    out = job_dir(out_root, spec.job_id)
+    outcome = JobOutcome(spec.job_id, "failed", list(spec.rows), list(spec.images), spec.group,
+                         str(out.relative_to(out_root)))
+    extra: dict[str, Any] = {"device": device or "", "resumed_from": 0, "run_id": None, "pid": os.getpid(),
+                             "worker": os.environ.get("MCPL_WORKER_NAME") or socket.gethostname()}
+    record = is_done(out, spec.job_id) if skip_done else None
+    if record is not None:
+        outcome.status = "skipped"
+        outcome.concepts = [c["token"] for c in record.get("concepts", [])]
+        outcome.metrics = record.get("metrics", {})
+        return _write_outcome(out, {**asdict(outcome), **extra})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
+    checkpoints = list_checkpoints(out / "checkpoints")
+    extra["resumed_from"] = int(checkpoints[-1].name.split("_")[1]) if checkpoints else 0
+    key = job_key(parent_key, spec.job_id)
+    fresh = tracker is None or tracker.run_id(key) is None and not tracker.spool.pending(key)
+    cb = None
+    if tracker is not None:
+        tags = {"mcpl.kind": "job", "mcpl.job_id": spec.job_id, "mcpl.rows": ",".join(map(str, spec.rows)),
+                "mcpl.images": ",".join(spec.images), "mcpl.group": spec.group or "",
+                "mcpl.dataset": spec.dataset, "mcpl.dataset_hash": dataset_hash([spec]),
+                "mcpl.strategy": spec.config.strategy, "mcpl.device": device or "",
+                "mcpl.resume_checkpoint": extra["resumed_from"], **(extra_tags or {})}
+        tracker.start_run(key, f"job {spec.job_id[:8]} ({', '.join(spec.images)})",
+                          {k: str(v) for k, v in tags.items()}, parent=parent_key)
+        cb = MlflowCallback(tracker, key)
+    started = time.time()
+    try:
+        result = run_job(spec.model, spec.load_inputs(), spec.config, out, callbacks=[*([cb] if cb else []),
+                                                                                     *callbacks],
+                         device=device, samples=samples, sample_steps=sample_steps, progress=progress)
+        if result.record.get("job_id") != spec.job_id:
+            raise RuntimeError(f"the engine recorded job id {result.record.get('job_id')} for job {spec.job_id}; "
+                               "its inputs differ from the manifest (validate again)")
+        concept_cards(out)
+    except Exception as err:
+        outcome.seconds = round(time.time() - started, 2)
+        outcome.error = f"{type(err).__name__}: {err}"
+        if not any(Path(i).name in str(err) for i in spec.images):  # say which input, if the error does not
+            outcome.error += f" [{spec.label}: {', '.join(spec.images)}]"
+        (out / "error.log").write_text(traceback.format_exc())
+        if tracker is not None and cb is not None:
+            cb.flush()
+            tracker.set_tags(key, {"mcpl.error": outcome.error[:5000]})
+            tracker.log_artifacts(key, out / "error.log")
+            tracker.end_run(key, "FAILED")
+            extra["run_id"] = tracker.run_id(key)
+        _write_outcome(out, {**asdict(outcome), **extra})
+        raise
+    outcome.status, outcome.seconds = "done", round(time.time() - started, 2)
+    outcome.concepts = [c["token"] for c in result.record.get("concepts", [])]
+    outcome.metrics = result.record.get("metrics", {})
+    (out / "error.log").unlink(missing_ok=True)
+    if tracker is not None and cb is not None:
+        cb.flush()
+        before = (cb.first_step or 1) if fresh else 0
+        log_job_result(tracker, key, result.record, out, history_before=before)
+        tracker.end_run(key, "FINISHED")
+        extra["run_id"] = tracker.run_id(key)
+    extra["first_step"] = cb.first_step if cb else None
+    return _write_outcome(out, {**asdict(outcome), **extra})
+
+
+def _write_outcome(out: Path, data: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".outcome.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(out / "outcome.json")
+    return data

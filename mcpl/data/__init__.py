@@ -1,0 +1,42 @@
+"""Datasets: a folder of images (+ masks) and one table -> validated manifest -> jobs.
+
+    report = validate_dataset("data/example")          # writes data/example/manifest.parquet
+    jobs = load_jobs(report.manifest, TrainConfig(), model)
+
+Format, limits and every error: docs/FORMAT.md and docs/DATA.md.
+"""
+
+from mcpl.data.files import DEFAULT_MAX_PIXELS, FileCheckError, ImageInfo, open_image, resolve_inside
+from mcpl.data.jobs import JobSpec, StaleInputError, job_config, load_jobs, rejected_rows
+from mcpl.data.table import COLUMNS, OPTIONAL, REQUIRED, DatasetError
+from mcpl.data.validate import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    RowResult,
+    ValidationReport,
+    read_manifest,
+    validate_dataset,
+)
+
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_MAX_PIXELS",
+    "MANIFEST_NAME",
+    "MANIFEST_SCHEMA",
+    "OPTIONAL",
+    "REQUIRED",
+    "DatasetError",
+    "FileCheckError",
+    "ImageInfo",
+    "JobSpec",
+    "RowResult",
+    "StaleInputError",
+    "ValidationReport",
+    "job_config",
+    "load_jobs",
+    "open_image",
+    "read_manifest",
+    "rejected_rows",
+    "resolve_inside",
+    "validate_dataset",
+]

@@ -1,0 +1,140 @@
+"""From a validated manifest to jobs: one per image, or one per MCPL-diverse group.
+
+A job's id is `mcpl.job.job_id(image hashes, sentences, config, model)`, the same id the
+engine writes into the bundle's job.json, so "done" means "a job.json with this id exists".
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mcpl.config import TrainConfig
+from mcpl.data.files import DEFAULT_MAX_PIXELS, load_image, load_mask
+from mcpl.data.table import DatasetError
+from mcpl.data.validate import read_manifest
+from mcpl.images import image_hash
+
+if TYPE_CHECKING:  # the engine (diffusers) loads only when a job actually loads its inputs
+    from mcpl.train import JobInput
+
+
+class StaleInputError(DatasetError):
+    """An image changed after validation: its pixels no longer match the manifest."""
+
+
+@dataclass
+class JobSpec:
+    """Everything needed to run one job, JSON-able (Prefect parameters, batch summaries)."""
+
+    job_id: str
+    dataset: str  # dataset root, absolute
+    rows: list[int]  # table rows as users count them (1-based data rows)
+    images: list[str]  # relative to the dataset root
+    sentences: list[str]
+    masks: list[dict[str, str]]  # per image: {"<name>": relative mask path}
+    group: str | None
+    config: TrainConfig
+    model: str
+    image_hashes: list[str] = field(default_factory=list)  # from the manifest; checked on load
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def load_inputs(self) -> list[JobInput]:
+        """Load images and masks (paths re-resolved inside the root, same checks as validation)."""
+        from mcpl.train import JobInput
+
+        root = Path(self.dataset)
+        inputs = []
+        for i, (rel, sentence) in enumerate(zip(self.images, self.sentences, strict=True)):
+            image, _ = load_image(root, rel, self.max_pixels)
+            if self.image_hashes and image_hash(image) != self.image_hashes[i]:
+                raise StaleInputError(f"{rel} (row {self.rows[i]}) changed since validation; "
+                                      "run `mcpl data validate` again")
+            masks = {tok: load_mask(root, path, self.max_pixels)[0]
+                     for tok, path in (self.masks[i] if i < len(self.masks) else {}).items()}
+            inputs.append(JobInput.from_text(image, sentence, source=rel, masks=masks))
+        return inputs
+
+    def to_dict(self) -> dict:
+        return {"job_id": self.job_id, "dataset": self.dataset, "rows": list(self.rows),
+                "images": list(self.images), "sentences": list(self.sentences),
+                "masks": [dict(m) for m in self.masks], "group": self.group,
+                "config": self.config.model_dump(mode="json"), "model": self.model,
+                "image_hashes": list(self.image_hashes), "max_pixels": self.max_pixels}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JobSpec:
+        return cls(job_id=d["job_id"], dataset=d["dataset"], rows=[int(r) for r in d["rows"]],
+                   images=list(d["images"]), sentences=list(d["sentences"]),
+                   masks=[dict(m) for m in d.get("masks") or [{} for _ in d["images"]]],
+                   group=d.get("group"), config=TrainConfig(**d["config"]), model=d["model"],
+                   image_hashes=list(d.get("image_hashes") or []),
+                   max_pixels=int(d.get("max_pixels") or DEFAULT_MAX_PIXELS))
+
+    @property
+    def label(self) -> str:
+        """Short human description: 'row 3' or "group 'g' (rows 5, 6)"."""
+        rows = ", ".join(map(str, self.rows))
+        return f"group {self.group!r} (rows {rows})" if self.group else f"row {rows}"
+
+
+def dataset_root(manifest_path: Path, meta: dict[str, str]) -> Path:
+    """The dataset folder of a manifest: relative to the manifest if it exists there, else absolute."""
+    relative = manifest_path.resolve().parent / meta.get("dataset_relative", "")
+    if meta.get("dataset_relative") and relative.is_dir():
+        return relative.resolve()
+    absolute = Path(meta.get("dataset", ""))
+    if absolute.is_dir():
+        return absolute
+    raise DatasetError(f"the dataset of {manifest_path} ({meta.get('dataset')}) is gone; validate again")
+
+
+def job_config(base: TrainConfig, overrides: dict, group: str | None) -> TrainConfig:
+    """Base config + a row's overrides; 'diverse' for groups, never 'diverse' for one image."""
+    fields = {**base.model_dump(), **overrides}
+    if group is not None:
+        fields["strategy"] = "diverse"
+    elif fields["strategy"] == "diverse":
+        fields["strategy"] = "one"
+    return TrainConfig(**fields)
+
+
+def load_jobs(manifest_path: str | Path, base_config: TrainConfig, model: str) -> list[JobSpec]:
+    """The valid rows of a manifest as jobs (table order), each with its final job id."""
+    from mcpl.job import job_id
+
+    manifest_path = Path(manifest_path)
+    rows, meta = read_manifest(manifest_path)
+    root = dataset_root(manifest_path, meta)
+    max_pixels = int(meta.get("max_pixels") or DEFAULT_MAX_PIXELS)
+    by_key: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["status"] == "ok" and row["job_key"]:
+            by_key.setdefault(row["job_key"], []).append(row)
+    jobs: dict[str, JobSpec] = {}
+    for members in by_key.values():
+        first = members[0]
+        config = job_config(base_config, json.loads(first["overrides"] or "{}"), first["group"])
+        hashes = [m["image_hash"] for m in members]
+        sentences = [m["sentence"] for m in members]
+        spec = JobSpec(
+            job_id=job_id(hashes, sentences, config, model), dataset=str(root),
+            rows=[m["row"] for m in members], images=[m["image"] for m in members], sentences=sentences,
+            masks=[{x["token"]: x["path"] for x in m["masks"] or []} for m in members], group=first["group"],
+            config=config, model=model, image_hashes=hashes, max_pixels=max_pixels)
+        if spec.job_id in jobs:
+            warnings.warn(f"{spec.label} is the same work as {jobs[spec.job_id].label} under this config; "
+                          "it runs once", stacklevel=2)
+            continue
+        jobs[spec.job_id] = spec
+    return list(jobs.values())
+
+
+def rejected_rows(manifest_path: str | Path) -> list[dict]:
+    """The manifest's rejected rows: row, line, image, sentence, errors (for summaries and reports)."""
+    rows, _ = read_manifest(manifest_path)
+    return [{"row": r["row"], "line": r["line"], "image": r["image"], "sentence": r["sentence"],
+             "errors": r["errors"], "error": r["error"]} for r in rows if r["status"] != "ok"]

@@ -1,0 +1,459 @@
+"""Validate a dataset folder row by row and write its manifest (parquet, explicit schema).
+
+Every table row gets one manifest row: what was read, what was learned about its files,
+and a status with the reasons it was rejected. Valid rows are grouped into jobs (one
+image, or one MCPL-diverse group) under a content key; `mcpl.data.jobs.load_jobs` turns
+those into `JobSpec`s with the final job ids (content + config + model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from mcpl.config import TrainConfig
+from mcpl.data.files import DEFAULT_MAX_PIXELS, FileCheckError, load_image, load_mask, mask_pixels
+from mcpl.data.table import DatasetError, RawRow, find_table, read_table
+from mcpl.images import image_hash
+from mcpl.prompts import Sentence, SentenceError, check_against_vocab, parse_sentence, plan_prompts
+
+MANIFEST_NAME = "manifest.parquet"
+MANIFEST_VERSION = "1"
+
+_ERROR = pa.struct([("column", pa.string()), ("message", pa.string())])
+_MASK = pa.struct([("token", pa.string()), ("path", pa.string())])
+_CONCEPT = pa.struct([("token", pa.string()), ("name", pa.string()), ("initializer", pa.string()),
+                      ("adjective", pa.string())])
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("row", pa.int32(), nullable=False),        # 1-based data row, as users count them
+    pa.field("line", pa.int32(), nullable=False),       # line of the table file the row starts on
+    pa.field("status", pa.string(), nullable=False),    # "ok" | "rejected"
+    pa.field("error", pa.string()),                     # every reason, "; "-joined (null when ok)
+    pa.field("errors", pa.list_(_ERROR)),               # the same, as (column, message)
+    pa.field("warnings", pa.list_(pa.string())),
+    pa.field("image", pa.string()),                     # path relative to the dataset folder
+    pa.field("sentence", pa.string()),
+    pa.field("masks", pa.list_(_MASK)),                 # placeholder token -> relative mask path
+    pa.field("group", pa.string()),
+    pa.field("overrides", pa.string()),                 # JSON object of TrainConfig fields
+    pa.field("meta", pa.string()),                      # JSON, kept as given
+    pa.field("concepts", pa.list_(_CONCEPT)),
+    pa.field("image_hash", pa.string()),                # hash of the decoded RGB pixels (mcpl.images)
+    pa.field("file_bytes", pa.int64()),
+    pa.field("format", pa.string()),
+    pa.field("mode", pa.string()),                      # the file's mode before conversion to RGB
+    pa.field("width", pa.int32()),                      # after EXIF orientation
+    pa.field("height", pa.int32()),
+    pa.field("converted", pa.list_(pa.string())),       # conversions applied (mode, EXIF, alpha)
+    pa.field("job_key", pa.string()),                   # content key of the row's job (null if rejected)
+])
+
+
+@dataclass
+class RowResult:
+    """One table row after validation (one manifest row)."""
+
+    row: int
+    line: int
+    image: str | None = None
+    sentence: str | None = None
+    masks: dict[str, str] = field(default_factory=dict)
+    group: str | None = None
+    overrides: dict = field(default_factory=dict)
+    meta: object = None
+    concepts: list[dict] = field(default_factory=list)
+    image_hash: str | None = None
+    file_bytes: int | None = None
+    format: str | None = None
+    mode: str | None = None
+    width: int | None = None
+    height: int | None = None
+    converted: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    job_key: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "rejected"
+
+    @property
+    def error(self) -> str | None:
+        return "; ".join(f"{c}: {m}" for c, m in self.errors) if self.errors else None
+
+    def reject(self, column: str, message: str) -> None:
+        self.errors.append((column, message))
+
+    def to_record(self) -> dict:
+        return {
+            "row": self.row, "line": self.line, "status": self.status, "error": self.error,
+            "errors": [{"column": c, "message": m} for c, m in self.errors], "warnings": self.warnings,
+            "image": self.image, "sentence": self.sentence,
+            "masks": [{"token": t, "path": p} for t, p in self.masks.items()], "group": self.group,
+            "overrides": json.dumps(self.overrides, sort_keys=True),
+            "meta": None if self.meta is None else json.dumps(self.meta, sort_keys=True),
+            "concepts": self.concepts, "image_hash": self.image_hash, "file_bytes": self.file_bytes,
+            "format": self.format, "mode": self.mode, "width": self.width, "height": self.height,
+            "converted": self.converted, "job_key": self.job_key if self.ok else None,
+        }
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of validating one dataset: every row, and where the manifest went."""
+
+    root: Path
+    table: Path
+    manifest: Path | None
+    model: str
+    rows: list[RowResult]
+    header_errors: list[str] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> list[RowResult]:
+        return [r for r in self.rows if not r.ok]
+
+    @property
+    def valid(self) -> list[RowResult]:
+        return [r for r in self.rows if r.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected
+
+    @property
+    def job_keys(self) -> list[str]:
+        return list(dict.fromkeys(r.job_key for r in self.valid if r.job_key))
+
+    def render(self) -> str:
+        """A readable summary: counts, then one line per rejection reason, then warnings."""
+        lines = [f"dataset {self.root} ({self.table.name}): {len(self.rows)} row(s), {len(self.valid)} valid, "
+                 f"{len(self.rejected)} rejected -> {len(self.job_keys)} job(s)"]
+        if self.manifest:
+            lines.append(f"manifest: {self.manifest}")
+        if self.header_errors:
+            lines.append("table header problems (every row is rejected until they are fixed):")
+            lines += [f"  {e}" for e in self.header_errors]
+        if self.rejected:
+            lines.append("rejected rows:")
+            width = max(len("column"), *(len(c) for r in self.rejected for c, _ in r.errors))
+            lines.append(f"  {'row':>5} {'line':>5}  {'column':<{width}}  reason")
+            for r in self.rejected:
+                shown = [(c, m) for c, m in r.errors if c != "(header)"] or r.errors[:1]
+                for column, message in shown:
+                    lines.append(f"  {r.row:>5} {r.line:>5}  {column:<{width}}  {message}")
+        warned = [r for r in self.rows if r.warnings]
+        if warned:
+            lines.append("warnings:")
+            lines += [f"  row {r.row}: {w}" for r in warned for w in r.warnings]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class Vocabulary:
+    """The base model's tokenizer, for the checks that need it (no other model part is loaded)."""
+
+    def __init__(self, model: str):
+        from transformers import CLIPTokenizer
+
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        except (OSError, ValueError) as err:
+            raise DatasetError(f"cannot load the tokenizer of model {model!r}: {err}") from err
+        self.vocab = self.tokenizer.get_vocab()
+        self.limit = int(self.tokenizer.model_max_length)
+
+    @lru_cache(maxsize=4096)  # noqa: B019 - one instance per validation; words repeat
+    def ids(self, word: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(word, add_special_tokens=False).input_ids)
+
+    def check(self, sentence: Sentence, strategy: str, num_vectors: int) -> tuple[list[str], list[str]]:
+        """(errors, warnings) for placeholders, initializers and prompt length."""
+        errors, warnings = [], []
+        try:
+            check_against_vocab([sentence], self.vocab)
+        except SentenceError as err:
+            errors.append(f"{err}; rename the placeholder")
+        for c in sentence.concepts:
+            ids = self.ids(c.initializer)
+            unk = self.tokenizer.unk_token_id
+            if not ids or (unk is not None and unk in ids and c.initializer not in self.vocab):
+                errors.append(f"initializer word {c.initializer!r} of {c.token} is not known to the tokenizer")
+            elif len(ids) > 1:
+                pieces = self.tokenizer.convert_ids_to_tokens(list(ids))
+                warnings.append(f"initializer {c.initializer!r} of {c.token} splits into {pieces}; "
+                                "their embeddings are averaged")
+        plan = plan_prompts([sentence], strategy, num_vectors, use_templates=False)
+        learned = {t.token for t in plan.tokens}
+        length = 2 + sum(num_vectors if w in learned else len(self.ids(w)) for w in plan.cores[0])
+        if length > self.limit:
+            errors.append(f"the sentence is {length} tokens long but the model reads at most {self.limit}; "
+                          "shorten it")
+        return errors, warnings
+
+
+def validate_dataset(root: str | Path, manifest_path: str | Path | None = None, model: str | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, *, table: str | None = None,
+                     write: bool = True) -> ValidationReport:
+    """Check every row of the dataset at `root`; write the manifest; return the report.
+
+    Raises DatasetError only when the dataset as a whole is unusable (no table, no rows,
+    tokenizer cannot load). Row problems never raise: they are in `report.rejected`.
+    """
+    root = Path(root)
+    table_path = find_table(root, table)
+    parsed = read_table(table_path)
+    if not model:
+        from mcpl.models import default_model
+
+        model = default_model()
+    vocab = Vocabulary(model)
+    results = [_check_row(raw, root, vocab, max_pixels) for raw in parsed.rows]
+    _check_duplicates(results)
+    _check_groups(results)
+    _assign_job_keys(results)
+    manifest = Path(manifest_path) if manifest_path else root / MANIFEST_NAME
+    report = ValidationReport(root, table_path, manifest if write else None, model, results, parsed.header_errors)
+    if write:
+        write_manifest(report, manifest, max_pixels)
+    return report
+
+
+# ------------------------------------------------------------------------------- rows
+def _check_row(raw: RawRow, root: Path, vocab: Vocabulary, max_pixels: int) -> RowResult:
+    r = RowResult(row=raw.row, line=raw.line, errors=list(raw.errors))
+    values = raw.values
+    if values is None:
+        return r
+    r.image = _text(values.get("image"))
+    r.sentence = _text(values.get("sentence"))
+    r.meta = values.get("meta")
+    if r.meta is not None and not isinstance(r.meta, dict):
+        r.reject("meta", f"expected a JSON object, got {type(r.meta).__name__}")
+    group = values.get("group")
+    if group is not None:
+        if isinstance(group, bool) or not isinstance(group, str | int):
+            r.reject("group", f"expected a name (text), got {type(group).__name__}")
+        elif str(group).strip():
+            r.group = str(group).strip()
+    strategy, num_vectors = _check_overrides(r, values.get("overrides"))
+    image = _check_image(r, root, values.get("image"), max_pixels)
+    sentence = _check_sentence(r, vocab, values.get("sentence"), strategy, num_vectors)
+    _check_masks(r, root, values.get("masks"), sentence, image, max_pixels)
+    return r
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _check_overrides(r: RowResult, overrides: object) -> tuple[str, int]:
+    """Validate per-row TrainConfig overrides; return (strategy, num_vectors) used for checks."""
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        r.reject("overrides", f"expected a JSON object of training settings, got {type(overrides).__name__}")
+        return "one", 1
+    r.overrides = overrides
+    try:
+        config = TrainConfig(**overrides)
+    except ValidationError as err:
+        for e in err.errors():
+            where = ".".join(str(x) for x in e["loc"]) or "overrides"
+            r.reject("overrides", f"{where}: {e['msg']} (see `mcpl train --help` / mcpl/config.py)")
+        return "one", 1
+    except TypeError as err:
+        r.reject("overrides", str(err))
+        return "one", 1
+    strategy = overrides.get("strategy")
+    if strategy == "diverse" and r.group is None:
+        r.reject("overrides", "strategy 'diverse' needs several rows: give them the same `group`")
+    if r.group is not None and strategy not in (None, "diverse"):
+        r.reject("overrides", f"rows of a group train with strategy 'diverse', not {strategy!r}")
+    return ("all" if strategy == "all" else "one"), config.num_vectors
+
+
+def _check_image(r: RowResult, root: Path, value: object, max_pixels: int):
+    if value is None:
+        return None
+    try:
+        image, info = load_image(root, value, max_pixels)  # type: ignore[arg-type]
+    except FileCheckError as err:
+        r.reject("image", str(err))
+        return None
+    r.image_hash = image_hash(image)
+    r.file_bytes, r.format, r.mode = info.file_bytes, info.format, info.mode
+    r.width, r.height, r.converted = info.width, info.height, info.notes
+    return image
+
+
+def _check_sentence(r: RowResult, vocab: Vocabulary, value: object, strategy: str,
+                    num_vectors: int) -> Sentence | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        r.reject("sentence", f"expected text, got {type(value).__name__}")
+        return None
+    try:
+        sentence = parse_sentence(value)
+    except SentenceError as err:
+        r.reject("sentence", f"{err} (syntax: docs/FORMAT.md)")
+        return None
+    r.concepts = [{"token": c.token, "name": c.name, "initializer": c.initializer, "adjective": c.adjective}
+                  for c in sentence.concepts]
+    try:
+        errors, warnings = vocab.check(sentence, strategy, num_vectors)
+    except SentenceError as err:
+        errors, warnings = [str(err)], []
+    for message in errors:
+        r.reject("sentence", message)
+    r.warnings += warnings
+    return sentence
+
+
+def _check_masks(r: RowResult, root: Path, value: object, sentence: Sentence | None, image, max_pixels: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        r.reject("masks", 'expected a JSON object like {"<name>": "masks/name.png"}, '
+                          f"got {type(value).__name__}")
+        return
+    tokens = [c.token for c in sentence.concepts] if sentence else None
+    for key, path in value.items():
+        token = key.strip() if key.strip().startswith("<") else f"<{key.strip()}>"
+        if tokens is not None and token not in tokens:
+            r.reject("masks", f"mask for {token}, but the sentence has no {token} "
+                              f"(placeholders: {', '.join(tokens)})")
+            continue
+        try:
+            mask, info = load_mask(root, path, max_pixels)  # type: ignore[arg-type]
+        except FileCheckError as err:
+            r.reject("masks", f"mask of {token}: {err}")
+            continue
+        if image is not None and mask.size != image.size:
+            r.reject("masks", f"mask of {token} is {mask.width}x{mask.height} but the image is "
+                              f"{image.width}x{image.height}; masks must match the image's size")
+            continue
+        if mask_pixels(mask) == 0:
+            r.reject("masks", f"mask of {token} ({path}) is empty: no white (> 127) pixels")
+            continue
+        r.masks[token] = path.strip()
+        if info.notes:
+            r.converted = r.converted + [f"mask of {token}: {n}" for n in info.notes]
+
+
+# ---------------------------------------------------------------------------- table-wide
+def _dedupe_key(r: RowResult) -> tuple:
+    return (r.image_hash, r.sentence, r.group, json.dumps(r.overrides, sort_keys=True))
+
+
+def _check_duplicates(results: list[RowResult]) -> None:
+    seen: dict[tuple, RowResult] = {}
+    for r in results:
+        if not r.ok:
+            continue
+        first = seen.setdefault(_dedupe_key(r), r)
+        if first is not r:
+            same = "file" if r.image == first.image else "image content"
+            r.reject("(row)", f"duplicate of row {first.row} (same {same} and sentence"
+                              f"{', group' if r.group else ''}); remove one of them")
+
+
+def _check_groups(results: list[RowResult]) -> None:
+    """A group trains only when all of its rows are valid, there are >= 2, and they agree."""
+    groups: dict[str, list[RowResult]] = {}
+    for r in results:
+        if r.group is not None:
+            groups.setdefault(r.group, []).append(r)
+    for name, members in groups.items():
+        bad = [m.row for m in members if not m.ok]
+        good = [m for m in members if m.ok]
+        if bad:
+            for m in good:
+                m.reject("group", f"group {name!r} is not trained because row(s) {_rows(bad)} of it were "
+                                  "rejected; fix them and validate again")
+            continue
+        if len(members) < 2:
+            members[0].reject("group", f"group {name!r} has only this row; MCPL-diverse needs at least two "
+                                       "images (drop the group to train it alone)")
+            continue
+        overrides = {json.dumps(m.overrides, sort_keys=True) for m in members}
+        if len(overrides) > 1:
+            for m in members:
+                m.reject("overrides", f"rows {_rows([x.row for x in members])} of group {name!r} have "
+                                      "different overrides; a group trains as one job with one config")
+            continue
+        try:
+            plan_prompts([parse_sentence(m.sentence or "") for m in members], "diverse")
+        except SentenceError as err:
+            for m in members:
+                m.reject("group", f"group {name!r} (rows {_rows([x.row for x in members])}): {err}")
+
+
+def _rows(rows: list[int]) -> str:
+    return ", ".join(str(x) for x in rows)
+
+
+def _assign_job_keys(results: list[RowResult]) -> None:
+    jobs: dict[str, list[RowResult]] = {}
+    for r in results:
+        if r.ok:
+            jobs.setdefault(r.group if r.group is not None else f"row:{r.row}", []).append(r)
+    for members in jobs.values():
+        key = json.dumps([[m.image_hash for m in members], [m.sentence for m in members],
+                          json.dumps(members[0].overrides, sort_keys=True), members[0].group])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        for m in members:
+            m.job_key = digest
+
+
+# ------------------------------------------------------------------------------ manifest
+def write_manifest(report: ValidationReport, path: Path, max_pixels: int) -> Path:
+    """Write the manifest atomically, with dataset facts in the schema metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = report.root.resolve()
+    metadata = {
+        "mcpl.manifest_version": MANIFEST_VERSION,
+        "dataset": str(root),
+        "dataset_relative": os.path.relpath(root, path.parent.resolve()),
+        "table": report.table.name,
+        "model": report.model,
+        "max_pixels": str(max_pixels),
+        "rows": str(len(report.rows)),
+        "rejected": str(len(report.rejected)),
+        "header_errors": json.dumps(report.header_errors),
+    }  # no timestamp: the same dataset gives the same bytes, so DVC sees no change
+    schema = MANIFEST_SCHEMA.with_metadata(metadata)
+    table = pa.Table.from_pylist([r.to_record() for r in report.rows], schema=schema)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(path: str | Path) -> tuple[list[dict], dict[str, str]]:
+    """Manifest rows (dicts, table order) and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"manifest {path} not found; run `mcpl data validate DATASET --manifest {path}`")
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("mcpl.manifest_version") != MANIFEST_VERSION:
+        raise DatasetError(f"{path} is not an mcpl manifest (version {MANIFEST_VERSION}); validate again")
+    return table.to_pylist(), meta
