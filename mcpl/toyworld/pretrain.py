@@ -43,7 +43,7 @@ class Config:
     out: str = "models/toyworld"
     ckpt: str = "models/toyworld-ckpt"
     seed: int = 0
-    steps: int = 5000
+    steps: int = 7000
     batch: int = 24
     lr: float = 1e-3
     warmup: int = 200
@@ -51,14 +51,16 @@ class Config:
     ema: float = 0.998
     snr_gamma: float = 5.0
     p_empty: float = 0.1
-    curriculum_steps: int = 1500  # steps with mostly single-object scenes
+    curriculum_steps: int = 2000  # steps with mostly single-object scenes
     ground_lambda: float = 0.05
     ground_tmax: int = 800
     ground_start: int = 200
     ground_scope: str = "multi"  # "multi" (scenes with >= 2 objects) or "all"
+    ground_cover: float = 1.0  # weight of the coverage (cosine to mask) term, see grounding_loss
+    ground_cover_start: int = 1400  # step the coverage term starts (added mid-run, see TOYWORLD.md)
     n_pool: tuple[int, int, int] = (6000, 10000, 8000)  # scenes with 1, 2, 3 objects
-    vae_steps: int = 1500
-    vae_batch: int = 64
+    vae_steps: int = 800
+    vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
     ckpt_every: int = 200
@@ -89,7 +91,7 @@ def _pool_seed(seed: int, n: int, i: int) -> int:
 def build_pool(cfg: Config, tokenizer) -> Pool:
     """Render cfg.n_pool scenes from TRAIN_PAIRS only (deterministic in cfg.seed)."""
     imgs, m16, m8, nobj, caps = [], [], [], [], []
-    for n, count in zip((1, 2, 3), cfg.n_pool):
+    for n, count in zip((1, 2, 3), cfg.n_pool, strict=True):
         for i in range(count):
             r = render(sample_scene(_pool_seed(cfg.seed, n, i), n_objects=n, pairs=TRAIN_PAIRS))
             imgs.append(r.image.transpose(2, 0, 1))
@@ -101,8 +103,13 @@ def build_pool(cfg: Config, tokenizer) -> Pool:
             m8.append(F.avg_pool2d(t, 4)[0])
             nobj.append(n)
             caps.append(caption(r.scene.objects))
-    ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        caps,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     n_obj = torch.tensor(nobj)
     return Pool(torch.from_numpy(np.stack(imgs)), torch.stack(m16), torch.stack(m8), n_obj, ids, n_obj.clone())
 
@@ -167,8 +174,13 @@ def export_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> None:
     text_x = M.build_text_encoder(tokenizer)
     text_x.load_state_dict(text_encoder.state_dict())
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_x, tokenizer=tokenizer, unet=unet_x,
-        scheduler=M.build_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_x,
+        tokenizer=tokenizer,
+        unet=unet_x,
+        scheduler=M.build_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     tmp = out.with_name(out.name + ".tmp")
@@ -197,7 +209,9 @@ def train_vae(cfg: Config, pool: Pool, log) -> M.AutoencoderKL:
     g = torch.Generator().manual_seed(cfg.seed + 17)
     bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=30)
     for step in bar:
-        lr = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        lr = (
+            cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         x = to_float(pool.images[torch.randint(0, n, (cfg.vae_batch,), generator=g)])
@@ -237,25 +251,41 @@ def encode_pool(vae, pool: Pool, batch: int = 256) -> tuple[torch.Tensor, torch.
 # ----------------------------------------------------------------------------- UNet
 
 
-def grounding_loss(store: dict, pos: torch.Tensor, valid: torch.Tensor, m16: torch.Tensor, m8: torch.Tensor) -> torch.Tensor:
-    """Mean over layers and grounded words of 1 - (attention mass in own mask / total mass).
+def grounding_loss(
+    store: dict,
+    pos: torch.Tensor,
+    valid: torch.Tensor,
+    m16: torch.Tensor,
+    m8: torch.Tensor,
+    cover: float = 0.0,
+) -> torch.Tensor:
+    """Mean over layers and grounded words of a word's attention-vs-mask mismatch.
 
+    Per word (map = mean over heads of its cross-attention column): 1 - mass inside its
+    object's mask / total mass, plus `cover` * (1 - cosine(map, mask)). The first term
+    alone is met by a map that is one hot pixel inside the object; the cosine term asks
+    the map to spread over the whole object, as large models' word maps do.
     pos: (B,3,2) token positions; valid: (B,3) bool object slots to ground; m16/m8: (B,3,h,w).
     """
     b = pos.shape[0]
     if not bool(valid.any()):
         return torch.zeros(())
     idx = pos.reshape(b, 1, MAX_OBJ * 2)
+    w = valid[:, :, None].expand(-1, -1, 2).reshape(b, 6).float()
     losses = []
     for maps in store.get("maps", {}).values():
         for probs in maps:
             hw = probs.shape[1]
             p = probs.reshape(b, -1, hw, probs.shape[-1]).mean(1)  # B,HW,L
             cols = p.gather(2, idx.expand(b, hw, -1)).transpose(1, 2)  # B,6,HW
-            masks = (m16 if hw == 256 else m8).reshape(b, MAX_OBJ, 1, -1).expand(-1, -1, 2, -1).reshape(b, 6, -1)
-            ratio = (cols * masks).sum(-1) / (cols.sum(-1) + 1e-8)
-            w = valid[:, :, None].expand(-1, -1, 2).reshape(b, 6).float()
-            losses.append(((1 - ratio) * w).sum() / w.sum())
+            m = m16 if hw == m16[0, 0].numel() else m8
+            masks = m.reshape(b, MAX_OBJ, 1, -1).expand(-1, -1, 2, -1).reshape(b, 6, -1)
+            inside = (cols * masks).sum(-1)
+            per_word = 1 - inside / (cols.sum(-1) + 1e-8)
+            if cover > 0:
+                cos = inside / (cols.norm(dim=-1) * masks.norm(dim=-1) + 1e-8)
+                per_word = per_word + cover * (1 - cos)
+            losses.append((per_word * w).sum() / w.sum())
     return torch.stack(losses).mean()
 
 
@@ -282,7 +312,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.add_argument(f"--{name.replace('_', '-')}", type=int, nargs=len(val), default=list(val))
         else:
             ap.add_argument(f"--{name.replace('_', '-')}", type=type(val), default=val)
+    ap.add_argument(
+        "--stop-after", type=int, default=0, help="stop after this many steps in this invocation (resume tests)"
+    )
     args = ap.parse_args(argv)
+    stop_after = args.__dict__.pop("stop_after")
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
     torch.set_num_threads(cfg.threads)
     ckpt, out = Path(cfg.ckpt), Path(cfg.out)
@@ -299,8 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     if resumed:
         saved = json.loads(state_path.read_text())
         if saved["config"] != json.loads(json.dumps(asdict(cfg))):
-            diff = {k: (saved["config"].get(k), v) for k, v in json.loads(json.dumps(asdict(cfg))).items()
-                    if saved["config"].get(k) != v}
+            diff = {
+                k: (saved["config"].get(k), v)
+                for k, v in json.loads(json.dumps(asdict(cfg))).items()
+                if saved["config"].get(k) != v
+            }
             print(f"warning: resuming with a changed config: {diff}")
     tokenizer = build_tokenizer()
     t0 = time.time()
@@ -334,16 +371,32 @@ def main(argv: list[str] | None = None) -> None:
     start = 0
     if resumed:
         w = load_file(str(ckpt / "weights.safetensors"))
-        for prefix, mod in (("unet.", unet), ("text.", text), ("ema_unet.", ema_unet), ("ema_text.", ema_text)):
-            mod.load_state_dict({k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)})
-        load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), json.loads((ckpt / "optimizer.json").read_text()))
+        for prefix, mod in (
+            ("unet.", unet),
+            ("text.", text),
+            ("ema_unet.", ema_unet),
+            ("ema_text.", ema_text),
+        ):
+            mod.load_state_dict({k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)})
+        load_optimizer(
+            opt,
+            load_file(str(ckpt / "optimizer.safetensors")),
+            json.loads((ckpt / "optimizer.json").read_text()),
+        )
         start = saved["step"]
         print(f"resumed from step {start}")
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+    empty_ids = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids[0]
 
     def checkpoint(step: int) -> None:
         tensors = {}
-        for prefix, mod in (("unet.", unet), ("text.", text), ("ema_unet.", ema_unet), ("ema_text.", ema_text)):
+        for prefix, mod in (
+            ("unet.", unet),
+            ("text.", text),
+            ("ema_unet.", ema_unet),
+            ("ema_text.", ema_text),
+        ):
             tensors.update({prefix + k: v for k, v in mod.state_dict().items()})
         save_tensors_atomic(tensors, ckpt / "weights.safetensors")
         ot, om = optimizer_tensors(opt)
@@ -387,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
         loss = loss_noise
         loss_g = torch.zeros(())
         if use_ground:
-            loss_g = grounding_loss(store, word_positions(n_obj), valid, pool.masks16[idx], pool.masks8[idx])
+            cover = cfg.ground_cover if step >= cfg.ground_cover_start else 0.0
+            loss_g = grounding_loss(store, word_positions(n_obj), valid, pool.masks16[idx], pool.masks8[idx], cover)
             loss = loss + cfg.ground_lambda * loss_g
         store.clear()
         opt.zero_grad(set_to_none=True)
@@ -397,22 +451,36 @@ def main(argv: list[str] | None = None) -> None:
         decay = min(cfg.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for src, dst in ((unet, ema_unet), (text, ema_text)):
-                for p_ema, p in zip(dst.parameters(), src.parameters()):
+                for p_ema, p in zip(dst.parameters(), src.parameters(), strict=True):
                     p_ema.lerp_(p, 1 - decay)
         for k, v in (("loss", loss_noise.item()), ("ground", loss_g.item())):
             avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
         bar.set_postfix(loss=f"{avg['loss']:.4f}", ground=f"{avg['ground']:.3f}", refresh=False)
         done = step + 1
         if done % cfg.log_every == 0:
-            log({"stage": "unet", "step": done, "loss": avg["loss"], "ground": avg["ground"], "lr": lr_at(cfg, step)})
+            log(
+                {
+                    "stage": "unet",
+                    "step": done,
+                    "loss": avg["loss"],
+                    "ground": avg["ground"],
+                    "lr": lr_at(cfg, step),
+                }
+            )
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             checkpoint(done)
         if done % cfg.export_every == 0 or done == cfg.steps:
             export_pipeline(out, vae, ema_text, ema_unet, tokenizer)
-            save_json_atomic({"step": done, "seed": cfg.seed, "config": json.loads(json.dumps(asdict(cfg)))},
-                             out / "toyworld_pretrain.json")
+            save_json_atomic(
+                {"step": done, "seed": cfg.seed, "config": json.loads(json.dumps(asdict(cfg)))},
+                out / "toyworld_pretrain.json",
+            )
             log({"stage": "export", "step": done})
-    log({"stage": "done", "step": cfg.steps})
+        if stop_after and done - start >= stop_after and done < cfg.steps:
+            log({"stage": "stopped", "step": done})
+            return
+    else:
+        log({"stage": "done", "step": cfg.steps})
 
 
 if __name__ == "__main__":
