@@ -165,6 +165,17 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+# Defaults the MCPL trainer reads from the model folder (mcpl.models.HINTS_FILE): the toy
+# model only ever saw bare captions ("a red circle and ..."), so prompt templates like
+# "a photo of {}" would be out of its distribution; its 16x16 cross-attention layers
+# (latent side / 1) are the ones that localise (docs/TOYWORLD.md, attention gate).
+MCPL_HINTS = {"templates": ["{}"], "attention_downscale": 1}
+
+
+def write_hints(folder: Path) -> None:
+    (folder / "mcpl_hints.json").write_text(json.dumps(MCPL_HINTS, indent=1) + "\n")
+
+
 def export_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> None:
     """Write a StableDiffusionPipeline folder (safetensors), replacing `out` atomically."""
     from diffusers import StableDiffusionPipeline
@@ -187,6 +198,7 @@ def export_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    write_hints(tmp)
     old = out.with_name(out.name + ".old")
     if out.exists():
         if old.exists():
