@@ -206,12 +206,8 @@ def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         k = torch.arange(-2, 3, dtype=torch.float32)
         w = torch.exp(-(k**2) / (2 * s * s))
         w = w / w.sum()
-        x = F.conv2d(
-            F.pad(x, (2, 2, 0, 0), mode="replicate"), w.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3
-        )
-        x = F.conv2d(
-            F.pad(x, (0, 0, 2, 2), mode="replicate"), w.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3
-        )
+        x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), w.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+        x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), w.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
     x = x[0].permute(1, 2, 0).numpy()
     x = x + rng.normal(0, rng.uniform(0, 6), x.shape) + rng.uniform(-10, 10, (1, 1, 3))
     return np.clip(x, 0, 255).astype(np.uint8)

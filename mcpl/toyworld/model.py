@@ -104,9 +104,7 @@ class RecordingCrossAttnProcessor:
         self.store = store
         self.name = name
 
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
-    ):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
         input_ndim = hidden_states.ndim
         if input_ndim == 4:

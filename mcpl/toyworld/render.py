@@ -152,9 +152,7 @@ def sample_scene(
             cy = rng.uniform(e + 1, CANVAS - e - 1)
             objs.append((c, s, cx, cy, r, e))
         ok = all(
-            np.hypot(a[2] - b[2], a[3] - b[3]) >= a[5] + b[5] + 2.0
-            for i, a in enumerate(objs)
-            for b in objs[i + 1 :]
+            np.hypot(a[2] - b[2], a[3] - b[3]) >= a[5] + b[5] + 2.0 for i, a in enumerate(objs) for b in objs[i + 1 :]
         )
         if ok:
             break

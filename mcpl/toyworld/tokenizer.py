@@ -49,9 +49,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """Reference BPE (same algorithm as CLIP's) on one pre-tokenized word."""
     parts = list(word[:-1]) + [word[-1] + EOW]
     while len(parts) > 1:
-        pairs = [
-            (ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))
-        ]
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
         best, i = min(pairs)
         if best == 1 << 30:
             break
