@@ -338,6 +338,8 @@ class Tracker:
     def _apply(self, key: str, op: dict) -> None:
         kind = op["op"]
         if kind == "create_run":
+            if self.spool.run_id(key):  # created before a crash cut the replay short: do not duplicate it
+                return
             tags = dict(op["tags"])
             if op.get("parent"):
                 parent_id = self.spool.run_id(op["parent"])

@@ -1,0 +1,174 @@
+"""`mcpl registry`: the learned concepts as versioned MLflow registered models.
+
+Names are `<dataset>.<image-or-group>.<concept>` (see mcpl/registry.py); each training
+is a version; `NAME` alone, `NAME@latest`, `NAME@one` (alias per strategy), `NAME/3` and
+`models:/NAME@latest` all name a version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  mcpl registry build runs/batch                    replay spooled MLflow logs, publish every bundle
+  mcpl registry list
+  mcpl registry list --filter "tags.concept = 'dog'"
+  mcpl registry show example.images-00000.obj1
+  mcpl registry export example.images-00000.obj1 --format a1111 --out exports/
+  mcpl registry load example.images-00000.obj1 example.red-circle.circle \\
+       --prompt "a photo of <obj1> next to a <circle>"
+
+MLflow: --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite, no server)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("registry", help="list, show, export and load learned concepts (MLflow registry)",
+                              description=__doc__, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
+    sub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+
+    b = sub.add_parser("build", help="replay spooled logs and publish the concepts of job bundles")
+    b.add_argument("root", help="a batch output folder, a job bundle, or any folder of bundles")
+    b.add_argument("--experiment", default="mcpl")
+    b.add_argument("--no-snapshot", action="store_true", help="skip the Parquet registry snapshot")
+    b.set_defaults(handler=run_build)
+
+    lst = sub.add_parser("list", help="one line per concept")
+    lst.add_argument("--filter", default="", help="MLflow registered-model filter, e.g. \"name LIKE 'example.%%'\"")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(handler=run_list)
+
+    s = sub.add_parser("show", help="a concept's versions, tags, aliases and runs")
+    s.add_argument("ref")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(handler=run_show)
+
+    e = sub.add_parser("export", help="write a concept for diffusers, Automatic1111 or ComfyUI (safetensors)")
+    e.add_argument("ref")
+    e.add_argument("--format", choices=("diffusers", "a1111", "comfyui"), default="diffusers")
+    e.add_argument("--out", default="exports", help="output folder")
+    e.add_argument("--name", default=None, help="file stem (A1111/ComfyUI trigger word); default: the registry name")
+    e.set_defaults(handler=run_export)
+
+    ld = sub.add_parser("load", help="load concepts by name into a pipeline and generate")
+    ld.add_argument("refs", nargs="+", help="concepts; NAME=<token> picks the prompt token")
+    ld.add_argument("--prompt", required=True)
+    ld.add_argument("--model", default=None, help="base model (default: the one the first concept was trained on)")
+    ld.add_argument("--device", default=None)
+    ld.add_argument("--num", type=int, default=2)
+    ld.add_argument("--steps", type=int, default=25)
+    ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--out", default="runs/registry-load")
+    ld.set_defaults(handler=run_load)
+
+
+def _fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from mcpl.registry import publish_bundles
+    from mcpl.tracking import Tracker
+
+    root = Path(args.root)
+    spool = root / "mlflow-spool"
+    if spool.is_dir():
+        status = Tracker(args.tracking_uri, spool, args.experiment).finish()
+        print(status.message())
+        if status.pending:
+            print("error: MLflow still unreachable; nothing published", file=sys.stderr)
+            return 1
+    try:
+        report = publish_bundles(root, args.tracking_uri, args.experiment, snapshot=not args.no_snapshot)
+    except Exception as err:  # noqa: BLE001 - MLflow errors of all kinds end here
+        return _fail(err)
+    print(report.message())
+    for name, version in report.created:
+        print(f"  new  {name} v{version}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from mcpl.registry import list_concepts
+
+    rows = list_concepts(args.tracking_uri, args.filter)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no concepts registered (run a batch, or `mcpl registry build OUT`)")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':<{width}}  ver  {'token':<12} {'strategy':<8} source")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['latest']:>3}  {r['token']:<12} {r['strategy']:<8} {r['source_image']}")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from mcpl.registry import show
+
+    try:
+        info = show(args.ref, args.tracking_uri)
+    except Exception as err:  # noqa: BLE001
+        return _fail(err)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"{info['name']}: {info['description']}")
+    print("  aliases: " + (", ".join(f"@{a} -> v{v}" for a, v in info["aliases"].items()) or "-"))
+    for v in info["versions"]:
+        tags = v["tags"]
+        metrics = ", ".join(f"{k[7:]}={val}" for k, val in tags.items() if k.startswith("metric."))
+        print(f"  v{v['version']}: token {tags.get('token')} strategy {tags.get('strategy')} steps {tags.get('steps')} "
+              f"run {v['run_id']}\n       sentence: {tags.get('sentence')}\n       metrics: {metrics or '-'}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mcpl.registry import export
+
+    try:
+        path = export(args.ref, args.out, args.format, args.name, args.tracking_uri)
+    except Exception as err:  # noqa: BLE001
+        return _fail(err)
+    print(f"{args.ref} -> {path} ({args.format})")
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    from mcpl.generate import generate, load_pipeline
+    from mcpl.overlay import attention_figure
+    from mcpl.registry import client_for, load_into_pipeline, resolve
+
+    refs, tokens = [], []
+    for item in args.refs:
+        ref, _, token = item.partition("=")
+        refs.append(ref)
+        tokens.append(token or None)
+    try:
+        client = client_for(args.tracking_uri)
+        model = args.model
+        if model is None:
+            name, version = resolve(client, refs[0])
+            model = client.get_model_version(name, version).tags.get("base_model")
+        pipe = load_pipeline(model, args.device)
+        loaded = load_into_pipeline(pipe, refs, tokens, client=client)
+        for item in loaded:
+            print(f"  {item.token:<28} <- {item.name} v{item.version}")
+        used = [i.token for i in loaded if i.token in args.prompt]
+        result = generate(pipe, args.prompt, used, num_images=args.num, steps=args.steps, seed=args.seed)
+    except Exception as err:  # noqa: BLE001
+        return _fail(err)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, maps) in enumerate(zip(result.images, result.maps, strict=True)):
+        image.save(out / f"image_{i}.png")
+        attention_figure(image, maps, out / f"attention_{i}.png")
+    print(f"{len(result.images)} image(s) of {args.prompt!r} -> {out}")
+    return 0
