@@ -97,6 +97,35 @@ def job_dir(out_root: str | Path, job_id: str) -> Path:
     return Path(out_root) / JOBS_DIR / job_id
 
 
+def new_outcome(spec: JobSpec, out_root: str | Path) -> JobOutcome:
+    """A job's outcome record, 'failed' until the job proves otherwise."""
+    out = job_dir(out_root, spec.job_id)
+    return JobOutcome(spec.job_id, "failed", list(spec.rows), list(spec.images), spec.group,
+                      str(out.relative_to(out_root)))
+
+
+def train_one(spec: JobSpec, out: Path, callbacks: Sequence = (), device: str | None = None, samples: int = 2,
+              sample_steps: int = 25, progress: bool = True) -> dict:
+    """Run one job into its bundle folder (resuming from its checkpoints); raise on failure.
+
+    Shared by the in-process batch and the orchestrated task, so both write the same
+    bundle: spec.json, the engine's bundle, the registry cards. Returns job.json's record.
+    """
+    from mcpl.job import run_job
+    from mcpl.registry import concept_cards
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
+    result = run_job(spec.model, spec.load_inputs(), spec.config, out, callbacks=list(callbacks),
+                     device=device, samples=samples, sample_steps=sample_steps, progress=progress)
+    if result.record.get("job_id") != spec.job_id:
+        raise RuntimeError(f"the engine recorded job id {result.record.get('job_id')} for job {spec.job_id}; "
+                           "its inputs differ from the manifest (validate again)")
+    concept_cards(out)  # each concept's card files, as the registry publishes them (idempotent)
+    (out / "error.log").unlink(missing_ok=True)
+    return result.record
+
+
 def is_done(out_dir: Path, job_id: str) -> dict | None:
     """The job.json record if the bundle at out_dir is finished work for job_id."""
     try:
@@ -117,33 +146,25 @@ def run_batch(jobs: Sequence[JobSpec], out_root: str | Path, skip_done: bool = T
     `keep_checkpoints=False` deletes a finished job's checkpoints/ (its resumable state).
     `progress`: the engine's progress bars; `log`: one line per job on stderr.
     """
-    from mcpl.job import run_job
-    from mcpl.registry import concept_cards
-
     out_root = Path(out_root)
     summary = BatchSummary(str(out_root), [], list(rejected), started=time.time())
     for n, spec in enumerate(jobs, start=1):
         out = job_dir(out_root, spec.job_id)
-        outcome = JobOutcome(spec.job_id, "failed", list(spec.rows), list(spec.images), spec.group,
-                             str(out.relative_to(out_root)))
+        outcome = new_outcome(spec, out_root)
         summary.jobs.append(outcome)
         record = is_done(out, spec.job_id) if skip_done else None
         if record is not None:
             outcome.status = "skipped"
-            _fill(outcome, record)
+            fill_outcome(outcome, record)
             _say(log, f"[{n}/{len(jobs)}] {spec.job_id} ({_label(spec)}): done before, skipped")
             summary.write()
             continue
         _say(log, f"[{n}/{len(jobs)}] {spec.job_id} ({_label(spec)}): training "
                        f"{spec.config.steps} steps, strategy {spec.config.strategy}")
         started = time.time()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
         try:
             callbacks = list(callbacks_factory(spec)) if callbacks_factory else []
-            result = run_job(spec.model, spec.load_inputs(), spec.config, out, callbacks=callbacks,
-                             device=device, samples=samples, sample_steps=sample_steps, progress=progress)
-            concept_cards(out)  # each concept's card files, as the registry publishes them (idempotent)
+            record = train_one(spec, out, callbacks, device, samples, sample_steps, progress)
         except Exception as err:  # noqa: BLE001 - one job's failure must not stop the batch
             outcome.seconds = round(time.time() - started, 2)
             outcome.error = f"{type(err).__name__}: {err}"
@@ -153,12 +174,7 @@ def run_batch(jobs: Sequence[JobSpec], out_root: str | Path, skip_done: bool = T
             summary.write()
             continue
         outcome.status, outcome.seconds = "done", round(time.time() - started, 2)
-        _fill(outcome, result.record)
-        (out / "error.log").unlink(missing_ok=True)
-        if result.record.get("job_id") != spec.job_id:
-            outcome.status = "failed"
-            outcome.error = (f"the engine recorded job id {result.record.get('job_id')} for job {spec.job_id}; "
-                             "its inputs differ from the manifest (validate again)")
+        fill_outcome(outcome, record)
         if not keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         _say(log, f"[{n}/{len(jobs)}] {spec.job_id}: {outcome.status} in {outcome.seconds:.0f} s"
@@ -169,7 +185,7 @@ def run_batch(jobs: Sequence[JobSpec], out_root: str | Path, skip_done: bool = T
     return summary
 
 
-def _fill(outcome: JobOutcome, record: dict) -> None:
+def fill_outcome(outcome: JobOutcome, record: dict) -> None:
     outcome.concepts = [c["token"] for c in record.get("concepts", [])]
     outcome.metrics = record.get("metrics", {})
 

@@ -525,24 +525,18 @@ def run_tracked_job(spec: Any, out_root: str | Path, tracker: Tracker | None = N
     import traceback
     from dataclasses import asdict
 
-    from mcpl.batch import JobOutcome, is_done, job_dir
+    from mcpl.batch import fill_outcome, is_done, job_dir, new_outcome, train_one
     from mcpl.checkpoint import list_checkpoints
-    from mcpl.job import run_job
-    from mcpl.registry import SPEC_FILE, concept_cards
 
     out = job_dir(out_root, spec.job_id)
-    outcome = JobOutcome(spec.job_id, "failed", list(spec.rows), list(spec.images), spec.group,
-                         str(out.relative_to(out_root)))
+    outcome = new_outcome(spec, out_root)
     extra: dict[str, Any] = {"device": device or "", "resumed_from": 0, "run_id": None, "pid": os.getpid(),
                              "worker": os.environ.get("MCPL_WORKER_NAME") or socket.gethostname()}
     record = is_done(out, spec.job_id) if skip_done else None
     if record is not None:
         outcome.status = "skipped"
-        outcome.concepts = [c["token"] for c in record.get("concepts", [])]
-        outcome.metrics = record.get("metrics", {})
+        fill_outcome(outcome, record)
         return _write_outcome(out, {**asdict(outcome), **extra})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
     checkpoints = list_checkpoints(out / "checkpoints")
     extra["resumed_from"] = int(checkpoints[-1].name.split("_")[1]) if checkpoints else 0
     key = job_key(parent_key, spec.job_id)
@@ -559,18 +553,13 @@ def run_tracked_job(spec: Any, out_root: str | Path, tracker: Tracker | None = N
         cb = MlflowCallback(tracker, key)
     started = time.time()
     try:
-        result = run_job(spec.model, spec.load_inputs(), spec.config, out, callbacks=[*([cb] if cb else []),
-                                                                                     *callbacks],
-                         device=device, samples=samples, sample_steps=sample_steps, progress=progress)
-        if result.record.get("job_id") != spec.job_id:
-            raise RuntimeError(f"the engine recorded job id {result.record.get('job_id')} for job {spec.job_id}; "
-                               "its inputs differ from the manifest (validate again)")
-        concept_cards(out)
+        record = train_one(spec, out, [*([cb] if cb else []), *callbacks], device, samples, sample_steps, progress)
     except Exception as err:
         outcome.seconds = round(time.time() - started, 2)
         outcome.error = f"{type(err).__name__}: {err}"
         if not any(Path(i).name in str(err) for i in spec.images):  # say which input, if the error does not
             outcome.error += f" [{spec.label}: {', '.join(spec.images)}]"
+        out.mkdir(parents=True, exist_ok=True)
         (out / "error.log").write_text(traceback.format_exc())
         if tracker is not None and cb is not None:
             cb.flush()
@@ -581,13 +570,11 @@ def run_tracked_job(spec: Any, out_root: str | Path, tracker: Tracker | None = N
         _write_outcome(out, {**asdict(outcome), **extra})
         raise
     outcome.status, outcome.seconds = "done", round(time.time() - started, 2)
-    outcome.concepts = [c["token"] for c in result.record.get("concepts", [])]
-    outcome.metrics = result.record.get("metrics", {})
-    (out / "error.log").unlink(missing_ok=True)
+    fill_outcome(outcome, record)
     if tracker is not None and cb is not None:
         cb.flush()
         before = (cb.first_step or 1) if fresh else 0
-        log_job_result(tracker, key, result.record, out, history_before=before)
+        log_job_result(tracker, key, record, out, history_before=before)
         tracker.end_run(key, "FINISHED")
         extra["run_id"] = tracker.run_id(key)
     extra["first_step"] = cb.first_step if cb else None

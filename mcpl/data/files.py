@@ -155,12 +155,21 @@ def _to_mode(img: Image.Image, kind: str, info: ImageInfo) -> Image.Image:
 
 def load_image(root: Path, relative: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, ImageInfo]:
     """A dataset image as RGB, by its path relative to root (all checks applied)."""
-    return open_image(resolve_inside(root, relative), max_pixels, "RGB")
+    return _open_named(root, relative, max_pixels, "RGB")
 
 
 def load_mask(root: Path, relative: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, ImageInfo]:
     """A mask as an 8-bit greyscale image (white = object), all checks applied."""
-    return open_image(resolve_inside(root, relative), max_pixels, "L")
+    return _open_named(root, relative, max_pixels, "L")
+
+
+def _open_named(root: Path, relative: str, max_pixels: int, kind: str) -> tuple[Image.Image, ImageInfo]:
+    """open_image, with the file named in its error (a job's error must say which input broke)."""
+    path = resolve_inside(root, relative)
+    try:
+        return open_image(path, max_pixels, kind)
+    except FileCheckError as err:
+        raise FileCheckError(f"{relative}: {err}") from None
 
 
 def mask_pixels(mask: Image.Image) -> int:
