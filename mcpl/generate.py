@@ -25,6 +25,17 @@ class Generation:
     maps: list[dict[str, torch.Tensor]]  # per image: token -> (h, w), trajectory mean
     prompt: str
 
+    def save(self, out: str | Path) -> Path:
+        """image_<i>.png and attention_<i>.png (the image + one overlay per token) per image."""
+        from mcpl.overlay import attention_figure
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (image, maps) in enumerate(zip(self.images, self.maps, strict=True)):
+            image.save(out / f"image_{i}.png")
+            attention_figure(image, maps, out / f"attention_{i}.png")
+        return out
+
 
 def load_pipeline(model: str, device: str | None = None) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with a DDIM scheduler, frozen parts in the device's dtype."""

@@ -52,7 +52,6 @@ def concept_files(paths: list[str]) -> tuple[list[Path], str | None]:
 def run(args: argparse.Namespace) -> int:
     from mcpl.generate import generate, load_concepts, load_pipeline
     from mcpl.models import ModelLoadError
-    from mcpl.overlay import attention_figure
 
     try:
         files, job_model = concept_files(args.concepts)
@@ -68,10 +67,6 @@ def run(args: argparse.Namespace) -> int:
     except (ModelLoadError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (image, maps) in enumerate(zip(result.images, result.maps, strict=True)):
-        image.save(out / f"image_{i}.png")
-        attention_figure(image, maps, out / f"attention_{i}.png")
+    out = result.save(args.out)
     print(f"{len(result.images)} image(s) of {args.prompt!r} -> {out} (image_N.png, attention_N.png)")
     return 0

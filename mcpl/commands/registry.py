@@ -143,7 +143,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_load(args: argparse.Namespace) -> int:
     from mcpl.generate import generate, load_pipeline
-    from mcpl.overlay import attention_figure
     from mcpl.registry import client_for, load_into_pipeline, resolve
 
     refs, tokens = [], []
@@ -165,10 +164,6 @@ def run_load(args: argparse.Namespace) -> int:
         result = generate(pipe, args.prompt, used, num_images=args.num, steps=args.steps, seed=args.seed)
     except Exception as err:  # noqa: BLE001
         return _fail(err)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (image, maps) in enumerate(zip(result.images, result.maps, strict=True)):
-        image.save(out / f"image_{i}.png")
-        attention_figure(image, maps, out / f"attention_{i}.png")
+    out = result.save(args.out)
     print(f"{len(result.images)} image(s) of {args.prompt!r} -> {out}")
     return 0

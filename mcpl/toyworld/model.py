@@ -79,17 +79,8 @@ def build_train_scheduler() -> DDPMScheduler:
 
 
 def build_sample_scheduler() -> DDIMScheduler:
-    """DDIM with the same schedule; saved with the pipeline."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    """DDIM with the training schedule; saved with the pipeline."""
+    return DDIMScheduler.from_config(build_train_scheduler().config, set_alpha_to_one=False)
 
 
 class RecordingCrossAttnProcessor:
