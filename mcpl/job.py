@@ -85,8 +85,9 @@ def run_job(model: str | Components, inputs: Sequence[JobInput], config: TrainCo
         trainer.close()
     record["wall_seconds"] = round(time.time() - started, 2)
     if samples:
+        template = components.hints.get("templates", ["a photo of {}"])[0]
         record["samples"] = write_samples(components.name, out, record, samples, sample_steps, config.seed,
-                                          str(components.device))
+                                          str(components.device), template)
     (out / JOB_FILE).write_text(json.dumps(record, indent=1))
     return JobResult(out, record)
 
@@ -143,15 +144,17 @@ def job_id(image_hashes: Sequence[str], sentences: Sequence[str], config: TrainC
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def write_samples(model: str, out: Path, record: dict, n: int, steps: int, seed: int, device: str) -> dict:
-    """Generate each concept alone and all together, with the files diffusers would load."""
+def write_samples(model: str, out: Path, record: dict, n: int, steps: int, seed: int, device: str,
+                  template: str = "a photo of {}") -> dict:
+    """Generate each concept alone (`template` around "a <token>", in the phrasing the model
+    knows) and all together, with the files diffusers would load."""
     from mcpl.generate import generate, load_concepts, load_pipeline
 
     pipe = load_pipeline(model, device)
     files = [out / c["file"] for c in record["concepts"]]
     tokens = load_concepts(pipe, files)
     written, rows, labels = {}, [], []
-    prompts = {c["name"]: f"a photo of {c['token']}" for c in record["concepts"]}
+    prompts = {c["name"]: template.format(f"a {c['token']}") for c in record["concepts"]}
     prompts["composed"] = parse_sentence(record["images"][0]["sentence"]).as_prompt()
     for name, prompt in prompts.items():
         result = generate(pipe, prompt, tokens, num_images=n, steps=steps, seed=seed)
