@@ -196,16 +196,22 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     jobs = [(i, args.model, args.steps, args.images, args.sample_steps, args.lr) for i in range(args.scenes)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.jsonl")  # one line per finished scene: survives an interrupted run
+    partial.write_text("")
     with ProcessPoolExecutor(args.workers) as pool:
         rows = []
         for row in pool.map(run_scene, jobs):
             rows.append(row)
+            with partial.open("a") as fh:
+                fh.write(json.dumps({"scene": row["scene"], "objects": row["objects"], "variants": {
+                    v: {"concepts": d["concepts"], "seconds": d["seconds"]} for v, d in row["variants"].items()}})
+                         + "\n")
             print(f"scene {row['scene']}: " + ", ".join(
                 f"{v} iou={statistics.mean(c['iou@0.3'] for c in d['concepts'].values()):.2f}"
                 for v, d in row["variants"].items()), flush=True)
     summary = summarise(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     picture(rows, out.with_suffix(".png"))
     for r in rows:
         r.pop("examples", None)
