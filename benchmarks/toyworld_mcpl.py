@@ -182,6 +182,20 @@ def table(summary: dict, cut: float) -> str:
     return "\n".join(lines)
 
 
+def summarise_partial(out: Path, args: argparse.Namespace) -> None:
+    """Summary JSON + table from the scenes an interrupted run finished; says how many."""
+    partial = out.with_suffix(".partial.jsonl")
+    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    summary = summarise(rows)
+    report = {"model": args.model, "scenes_finished": len(rows), "scenes_planned": args.scenes,
+              "steps": args.steps, "lr": args.lr, "images_per_prompt": args.images,
+              "sample_steps": args.sample_steps, "cuts": CUTS, "partial": True, "summary": summary, "rows": rows}
+    out.write_text(json.dumps(report, indent=1))
+    note = f"\n{len(rows)} of {args.scenes} scenes (interrupted run; per-scene rows in {out.name})\n"
+    out.with_suffix(".md").write_text(table(summary, args.cut) + note)
+    print(table(summary, args.cut) + note)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(TOY_MODEL))
@@ -193,7 +207,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--cut", type=float, default=0.3, help="IoU threshold shown in the table")
     parser.add_argument("--out", default=str(RESULTS / "toyworld_mcpl.json"))
+    parser.add_argument("--from-partial", action="store_true",
+                        help="only summarise the scenes an interrupted run finished (<out>.partial.jsonl)")
     args = parser.parse_args()
+    if args.from_partial:
+        summarise_partial(Path(args.out), args)
+        return
     started = time.time()
     jobs = [(i, args.model, args.steps, args.images, args.sample_steps, args.lr) for i in range(args.scenes)]
     out = Path(args.out)
