@@ -285,3 +285,19 @@ def test_components_are_reusable_after_a_job(tiny_model):
     assert {k: type(v) for k, v in c.unet.attn_processors.items()} == processors
     second = MCPLTrainer(c, [JobInput.from_text(two_square_image(), TWO)], TrainConfig(steps=1), progress=False)
     assert second.embedding.first_new_id == vocab
+
+
+def test_model_hints_set_learning_rate_and_templates_unless_config_overrides(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from mcpl.models import HINTS_FILE
+
+    hinted = tmp_path / "hinted"
+    shutil.copytree(tiny_model, hinted)
+    (hinted / HINTS_FILE).write_text(json.dumps({"learning_rate": 0.0123, "templates": ["{}"]}))
+    plain = make_trainer(tiny_model, TrainConfig(steps=1))
+    trainer = make_trainer(str(hinted), TrainConfig(steps=1))
+    assert trainer.lr == 0.0123 and plain.lr != 0.0123
+    assert trainer.plan.templates == ["{}"]
+    assert make_trainer(str(hinted), TrainConfig(steps=1, learning_rate=0.002)).lr == 0.002
