@@ -25,6 +25,7 @@ Per variant and concept:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -69,6 +70,17 @@ def phrases(rendered) -> list[tuple[str, str, str]]:
     return [(f"obj{k}", o.colour, o.shape) for k, o in enumerate(rendered.scene.objects, start=1)]
 
 
+def phrase(name: str, colour: str, style: str) -> str:
+    """One object's phrase: 'coloured' keeps the colour word (and binds it as the adjective);
+    'bare' drops it, so nothing but the learned tokens can tell the two objects apart."""
+    return f"a {colour} <{name}|object|{colour}>" if style == "coloured" else f"a <{name}|object>"
+
+
+def variants(style: str) -> dict[str, dict]:
+    """Bind adj needs an adjective in the sentence: not run on bare sentences."""
+    return {k: v for k, v in VARIANTS.items() if style == "coloured" or not v.get("bind_adj")}
+
+
 def learn(model: str, image: Image.Image, sentence: str, config: TrainConfig) -> tuple[dict, dict]:
     """Train one job in memory; return its learned vectors and per-token image maps."""
     components = load_components(model, "cpu")
@@ -77,6 +89,14 @@ def learn(model: str, image: Image.Image, sentence: str, config: TrainConfig) ->
     maps = image_attention_maps(trainer, 0, config.map_timesteps)
     trainer.close()
     return vectors, maps
+
+
+def assignment(maps: dict, tokens: list[str], masks: list[np.ndarray]) -> list[int]:
+    """Bare sentences do not say which word is which object: pair words and objects
+    one-to-one so that the total attention share on the paired objects is largest."""
+    best = max(itertools.permutations(range(len(tokens))), key=lambda perm: sum(
+        attention_share(maps[t], torch.from_numpy(masks[k])) for t, k in zip(tokens, perm, strict=True)))
+    return list(best)
 
 
 def recovery(pipe, checker, token: str, colour: str, shape: str, n: int, steps: int, seed: int) -> dict:
@@ -97,7 +117,7 @@ def recovery(pipe, checker, token: str, colour: str, shape: str, n: int, steps: 
 
 def run_scene(args: tuple) -> dict:
     """All variants on one scene (one worker process, one thread)."""
-    index, model, steps, n_images, sample_steps, lr = args
+    index, model, steps, n_images, sample_steps, lr, style = args
     torch.set_num_threads(1)
     from mcpl.generate import load_pipeline
     from mcpl.toyworld.checker import Checker
@@ -106,17 +126,16 @@ def run_scene(args: tuple) -> dict:
     rendered = heldout_scenes(index + 1)[index]
     image = Image.fromarray(rendered.image)
     objects = phrases(rendered)
-    masks = {f"<{name}>": torch.from_numpy(m) for (name, _, _), m in zip(objects, rendered.masks, strict=True)}
-    full_sentence = " and ".join(f"a {c} <{name}|object|{c}>" for name, c, _ in objects)
+    full_sentence = " and ".join(phrase(name, c, style) for name, c, _ in objects)
     row = {"scene": index, "objects": [[c, s] for _, c, s in objects], "variants": {}}
     examples = {}
-    for variant, fields in VARIANTS.items():
+    for variant, fields in variants(style).items():
         config = TrainConfig(**{"steps": steps, "seed": index, "learning_rate": lr, **fields})
         started = time.perf_counter()
         if variant == "separate":
             vectors, maps = {}, {}
             for name, colour, _ in objects:
-                v, m = learn(model, image, f"a {colour} <{name}|object|{colour}>", config)
+                v, m = learn(model, image, phrase(name, colour, style), config)
                 vectors.update(v)
                 maps.update(m)
         else:
@@ -125,10 +144,12 @@ def run_scene(args: tuple) -> dict:
         tokens = [f"<{name}>" for name, _, _ in objects]
         for token in tokens:
             pipe.load_textual_inversion({token: vectors[token]}, token=token)
+        order = assignment(maps, tokens, rendered.masks) if style == "bare" else list(range(len(tokens)))
         per_concept = {}
-        for (_, colour, shape), token in zip(objects, tokens, strict=True):
-            own = masks[token]
-            other = next(m for t, m in masks.items() if t != token)
+        for token, k in zip(tokens, order, strict=True):
+            _, colour, shape = objects[k]
+            own = torch.from_numpy(rendered.masks[k])
+            other = torch.from_numpy(next(m for j, m in enumerate(rendered.masks) if j != k))
             rec = recovery(pipe, checker, token, colour, shape, n_images, sample_steps, seed=index)
             examples.setdefault(variant, []).append(rec.pop("plain_example"))
             rec.pop("coloured_example")
@@ -136,10 +157,15 @@ def run_scene(args: tuple) -> dict:
                 **{f"iou@{k}": attention_iou(maps[token], own, k) for k in CUTS},
                 **{f"iou_other@{k}": attention_iou(maps[token], other, k) for k in CUTS},
                 "share": attention_share(maps[token], own),
-                "recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"],
+                "recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"], "object": k,
             }
         row["variants"][variant] = {"concepts": per_concept, "seconds": round(time.perf_counter() - started, 2),
                                     "maps": {t: maps[t].tolist() for t in tokens}}
+    pipe = load_pipeline(model, "cpu")  # ceiling: the model's own shape word in place of a learned token
+    row["oracle"] = {}
+    for name, colour, shape in objects:
+        rec = recovery(pipe, checker, shape, colour, shape, n_images, sample_steps, seed=index)
+        row["oracle"][f"<{name}>"] = {"recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"]}
     row["examples"] = {k: [np.asarray(img).tolist() for img in v] for k, v in examples.items()} if index < 4 else {}
     row["image"] = rendered.image.tolist() if index < 4 else None
     return row
@@ -147,13 +173,33 @@ def run_scene(args: tuple) -> dict:
 
 def summarise(rows: list[dict]) -> dict:
     out = {}
-    for variant in VARIANTS:
+    for variant in rows[0]["variants"]:
         concepts = [c for r in rows for c in r["variants"][variant]["concepts"].values()]
         out[variant] = {key: round(statistics.mean(c[key] for c in concepts), 4) for key in concepts[0]}
         out[variant]["recovery"] = round(statistics.mean(
             (c["recovery_plain"] + c["recovery_coloured"]) / 2 for c in concepts), 4)
         out[variant]["seconds_per_scene"] = round(statistics.mean(r["variants"][variant]["seconds"] for r in rows), 2)
+    if all("oracle" in r for r in rows):
+        concepts = [c for r in rows for c in r["oracle"].values()]
+        out["oracle"] = {key: round(statistics.mean(c[key] for c in concepts), 4)
+                         for key in ("recovery_plain", "recovery_coloured")}
+        out["oracle"]["recovery"] = round((out["oracle"]["recovery_plain"] + out["oracle"]["recovery_coloured"]) / 2, 4)
     return out
+
+
+def targets(summary: dict, cut: float) -> dict:
+    """The issue's targets for full MCPL (bind_adj, or prompt_cl where no adjective exists)."""
+    full = summary["bind_adj"] if "bind_adj" in summary else summary["prompt_cl"]
+    iou = f"iou@{cut}"
+    checks = {
+        "full_iou>=0.6": full[iou] >= 0.6,
+        "full_recovery>=0.9": full["recovery"] >= 0.9,
+        **{f"full_{metric}-{other}>=0.15": round(full[metric] - summary[other][metric], 4) >= 0.15
+           for other in ("mcpl_all", "separate") for metric in (iou, "recovery")},
+    }
+    margins = {f"{metric} full-{other}": round(full[metric] - summary[other][metric], 4)
+               for other in ("mcpl_all", "separate") for metric in (iou, "recovery")}
+    return {"met": checks, "margins": margins}
 
 
 def picture(rows: list[dict], path: Path) -> None:
@@ -164,7 +210,7 @@ def picture(rows: list[dict], path: Path) -> None:
     lines, labels = [], []
     for r in shown:
         image = Image.fromarray(np.asarray(r["image"], dtype=np.uint8))
-        for variant in VARIANTS:
+        for variant in r["variants"]:
             maps = r["variants"][variant]["maps"]
             panels = [image] + [overlay(image, torch.tensor(m)) for m in maps.values()]
             panels += [Image.fromarray(np.asarray(e, dtype=np.uint8)) for e in r["examples"].get(variant, [])]
@@ -177,9 +223,26 @@ def table(summary: dict, cut: float) -> str:
     head = f"| variant | IoU@{cut} | IoU other@{cut} | share | recovery (plain / coloured) | s/scene |"
     lines = [head, "|---|---|---|---|---|---|"]
     for variant, s in summary.items():
+        if variant == "oracle":
+            lines.append(f"| oracle (true shape word, no training) | – | – | – | "
+                         f"{s['recovery_plain']:.0%} / {s['recovery_coloured']:.0%} | – |")
+            continue
         lines.append(f"| {variant} | {s[f'iou@{cut}']:.2f} | {s[f'iou_other@{cut}']:.2f} | {s['share']:.2f} | "
                      f"{s['recovery_plain']:.0%} / {s['recovery_coloured']:.0%} | {s['seconds_per_scene']:.0f} |")
     return "\n".join(lines)
+
+
+def targets_text(result: dict) -> str:
+    met = ", ".join(f"{k}: {'met' if ok else 'not met'}" for k, ok in result["met"].items())
+    margins = ", ".join(f"{k} {v:+.2f}" for k, v in result["margins"].items())
+    return f"Targets: {met}.\nMargins: {margins}.\n"
+
+
+def resolved_lr(model: str) -> float:
+    """The learning rate a job on this model gets when none is given (its hint or the norm rule)."""
+    from mcpl.train import default_learning_rate
+
+    return default_learning_rate(load_components(model, "cpu"), TrainConfig().batch_size)
 
 
 def summarise_partial(out: Path, args: argparse.Namespace) -> None:
@@ -188,7 +251,7 @@ def summarise_partial(out: Path, args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
     summary = summarise(rows)
     report = {"model": args.model, "scenes_finished": len(rows), "scenes_planned": args.scenes,
-              "steps": args.steps, "lr": args.lr, "images_per_prompt": args.images,
+              "sentence": args.sentence, "steps": args.steps, "lr": args.lr, "images_per_prompt": args.images,
               "sample_steps": args.sample_steps, "cuts": CUTS, "partial": True, "summary": summary, "rows": rows}
     out.write_text(json.dumps(report, indent=1))
     note = f"\n{len(rows)} of {args.scenes} scenes (interrupted run; per-scene rows in {out.name})\n"
@@ -205,6 +268,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2, help="generations per prompt for recovery")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--sentence", choices=("coloured", "bare"), default="coloured",
+                        help="'a red <obj1> and a green <obj2>' or 'a <obj1> and a <obj2>'")
     parser.add_argument("--cut", type=float, default=0.3, help="IoU threshold shown in the table")
     parser.add_argument("--out", default=str(RESULTS / "toyworld_mcpl.json"))
     parser.add_argument("--from-partial", action="store_true",
@@ -214,7 +279,8 @@ def main() -> None:
         summarise_partial(Path(args.out), args)
         return
     started = time.time()
-    jobs = [(i, args.model, args.steps, args.images, args.sample_steps, args.lr) for i in range(args.scenes)]
+    jobs = [(i, args.model, args.steps, args.images, args.sample_steps, args.lr, args.sentence)
+            for i in range(args.scenes)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.jsonl")  # one line per finished scene: survives an interrupted run
@@ -225,8 +291,8 @@ def main() -> None:
             rows.append(row)
             with partial.open("a") as fh:
                 fh.write(json.dumps({"scene": row["scene"], "objects": row["objects"], "variants": {
-                    v: {"concepts": d["concepts"], "seconds": d["seconds"]} for v, d in row["variants"].items()}})
-                         + "\n")
+                    v: {"concepts": d["concepts"], "seconds": d["seconds"]} for v, d in row["variants"].items()},
+                    "oracle": row["oracle"]}) + "\n")
             print(f"scene {row['scene']}: " + ", ".join(
                 f"{v} iou={statistics.mean(c['iou@0.3'] for c in d['concepts'].values()):.2f}"
                 for v, d in row["variants"].items()), flush=True)
@@ -237,12 +303,14 @@ def main() -> None:
         r.pop("image", None)
         for v in r["variants"].values():
             v.pop("maps", None)
-    report = {"model": args.model, "scenes": args.scenes, "steps": args.steps, "lr": args.lr,
-              "images_per_prompt": args.images, "sample_steps": args.sample_steps, "cuts": CUTS,
-              "wall_seconds": round(time.time() - started, 1), "summary": summary, "rows": rows}
+    report = {"model": args.model, "scenes": args.scenes, "sentence": args.sentence, "steps": args.steps,
+              "lr": args.lr or resolved_lr(args.model), "images_per_prompt": args.images,
+              "sample_steps": args.sample_steps, "cuts": CUTS, "wall_seconds": round(time.time() - started, 1),
+              "summary": summary, "targets": targets(summary, args.cut), "rows": rows}
     out.write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(table(summary, args.cut) + "\n")
-    print(table(summary, args.cut))
+    text = table(summary, args.cut) + "\n\n" + targets_text(report["targets"])
+    out.with_suffix(".md").write_text(text)
+    print(text)
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} in {report['wall_seconds']} s")
 
 
