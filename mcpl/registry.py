@@ -104,10 +104,19 @@ class ConceptCard:
 
 
 def find_job_dirs(root: str | Path) -> list[Path]:
-    """Job bundles at or under `root` (a bundle, a batch output folder, or any folder of them)."""
+    """Job bundles at or under `root` (a bundle, a batch output folder, or any folder of them).
+
+    A batch folder's `summary.json` names the jobs of its latest run: only those count, so
+    bundles kept from earlier runs (other configs or models) are not published again.
+    """
     root = Path(root)
     if (root / "job.json").exists():
         return [root]
+    summary = root / "summary.json"
+    if summary.exists():
+        jobs = json.loads(summary.read_text()).get("jobs", [])
+        listed = [root / j["out_dir"] for j in jobs if j.get("status") in ("done", "skipped") and j.get("out_dir")]
+        return sorted(d for d in listed if (d / "job.json").exists())
     return sorted(p.parent for p in root.rglob("job.json") if "checkpoints" not in p.parts)
 
 

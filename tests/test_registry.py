@@ -160,3 +160,17 @@ def test_cli_list_show_export(published, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     assert (tmp_path / "pets.images-b.dog.safetensors").exists()
     assert main(["registry", "--tracking-uri", uri, "show", "no.such.concept"]) == 2
+
+
+def test_a_batch_folder_publishes_only_the_jobs_of_its_latest_run(tmp_path):
+    from mcpl.registry import find_job_dirs
+
+    for job in ("old", "new", "failed"):
+        (tmp_path / "jobs" / job).mkdir(parents=True)
+        (tmp_path / "jobs" / job / "job.json").write_text("{}")
+    assert [d.name for d in find_job_dirs(tmp_path)] == ["failed", "new", "old"]  # no summary: every bundle
+    (tmp_path / "summary.json").write_text(json.dumps({"jobs": [
+        {"job_id": "new", "status": "done", "out_dir": "jobs/new"},
+        {"job_id": "failed", "status": "failed", "out_dir": "jobs/failed"}]}))
+    assert [d.name for d in find_job_dirs(tmp_path)] == ["new"]
+    assert find_job_dirs(tmp_path / "jobs" / "old") == [tmp_path / "jobs" / "old"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  mcpl registry build runs/batch                    replay spooled MLflow logs, publish every bundle
+  mcpl registry build runs/batch                    replay spooled MLflow logs, publish the batch's bundles
   mcpl registry list
   mcpl registry list --filter "tags.concept = 'dog'"
   mcpl registry show example.images-00000.obj1
@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
 
     b = sub.add_parser("build", help="replay spooled logs and publish the concepts of job bundles")
-    b.add_argument("root", help="a batch output folder, a job bundle, or any folder of bundles")
+    b.add_argument("root", help="a batch output folder (the jobs its summary.json lists), a job bundle, "
+                   "or any folder of bundles")
     b.add_argument("--experiment", default="mcpl")
     b.add_argument("--no-snapshot", action="store_true", help="skip the Parquet registry snapshot")
     b.set_defaults(handler=run_build)
