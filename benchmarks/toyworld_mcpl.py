@@ -76,6 +76,10 @@ def phrase(name: str, colour: str, style: str) -> str:
     return f"a {colour} <{name}|object|{colour}>" if style == "coloured" else f"a <{name}|object>"
 
 
+def sentence(objects: list[tuple[str, str, str]], style: str) -> str:
+    return " and ".join(phrase(name, colour, style) for name, colour, _ in objects)
+
+
 def variants(style: str) -> dict[str, dict]:
     """Bind adj needs an adjective in the sentence: not run on bare sentences."""
     return {k: v for k, v in VARIANTS.items() if style == "coloured" or not v.get("bind_adj")}
@@ -115,6 +119,38 @@ def recovery(pipe, checker, token: str, colour: str, shape: str, n: int, steps: 
     return out
 
 
+def score_concepts(pipe, checker, maps: dict, rendered, style: str, n_images: int, sample_steps: int,
+                   seed: int) -> tuple[dict, list]:
+    """Per learned word (already loaded into `pipe`): IoU with its object and with the other,
+    attention share, recovery; plus one plain generation per word for the pictures."""
+    objects = phrases(rendered)
+    tokens = [f"<{name}>" for name, _, _ in objects]
+    order = assignment(maps, tokens, rendered.masks) if style == "bare" else list(range(len(tokens)))
+    scores, samples = {}, []
+    for token, index in zip(tokens, order, strict=True):
+        _, colour, shape = objects[index]
+        own = torch.from_numpy(rendered.masks[index])
+        other = torch.from_numpy(next(m for j, m in enumerate(rendered.masks) if j != index))
+        rec = recovery(pipe, checker, token, colour, shape, n_images, sample_steps, seed=seed)
+        samples.append(rec["plain_example"])
+        scores[token] = {
+            **{f"iou@{cut}": attention_iou(maps[token], own, cut) for cut in CUTS},
+            **{f"iou_other@{cut}": attention_iou(maps[token], other, cut) for cut in CUTS},
+            "share": attention_share(maps[token], own),
+            "recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"], "object": index,
+        }
+    return scores, samples
+
+
+def oracle(pipe, checker, objects: list[tuple[str, str, str]], n_images: int, sample_steps: int, seed: int) -> dict:
+    """Recovery with the model's own shape word in place of a learned one: the ceiling."""
+    out = {}
+    for name, colour, shape in objects:
+        rec = recovery(pipe, checker, shape, colour, shape, n_images, sample_steps, seed=seed)
+        out[f"<{name}>"] = {"recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"]}
+    return out
+
+
 def run_scene(args: tuple) -> dict:
     """All variants on one scene (one worker process, one thread)."""
     index, model, steps, n_images, sample_steps, lr, style = args
@@ -126,7 +162,7 @@ def run_scene(args: tuple) -> dict:
     rendered = heldout_scenes(index + 1)[index]
     image = Image.fromarray(rendered.image)
     objects = phrases(rendered)
-    full_sentence = " and ".join(phrase(name, c, style) for name, c, _ in objects)
+    full_sentence = sentence(objects, style)
     row = {"scene": index, "objects": [[c, s] for _, c, s in objects], "variants": {}}
     examples = {}
     for variant, fields in variants(style).items():
@@ -144,28 +180,11 @@ def run_scene(args: tuple) -> dict:
         tokens = [f"<{name}>" for name, _, _ in objects]
         for token in tokens:
             pipe.load_textual_inversion({token: vectors[token]}, token=token)
-        order = assignment(maps, tokens, rendered.masks) if style == "bare" else list(range(len(tokens)))
-        per_concept = {}
-        for token, k in zip(tokens, order, strict=True):
-            _, colour, shape = objects[k]
-            own = torch.from_numpy(rendered.masks[k])
-            other = torch.from_numpy(next(m for j, m in enumerate(rendered.masks) if j != k))
-            rec = recovery(pipe, checker, token, colour, shape, n_images, sample_steps, seed=index)
-            examples.setdefault(variant, []).append(rec.pop("plain_example"))
-            rec.pop("coloured_example")
-            per_concept[token] = {
-                **{f"iou@{k}": attention_iou(maps[token], own, k) for k in CUTS},
-                **{f"iou_other@{k}": attention_iou(maps[token], other, k) for k in CUTS},
-                "share": attention_share(maps[token], own),
-                "recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"], "object": k,
-            }
+        per_concept, samples = score_concepts(pipe, checker, maps, rendered, style, n_images, sample_steps, index)
+        examples[variant] = samples
         row["variants"][variant] = {"concepts": per_concept, "seconds": round(time.perf_counter() - started, 2),
                                     "maps": {t: maps[t].tolist() for t in tokens}}
-    pipe = load_pipeline(model, "cpu")  # ceiling: the model's own shape word in place of a learned token
-    row["oracle"] = {}
-    for name, colour, shape in objects:
-        rec = recovery(pipe, checker, shape, colour, shape, n_images, sample_steps, seed=index)
-        row["oracle"][f"<{name}>"] = {"recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"]}
+    row["oracle"] = oracle(load_pipeline(model, "cpu"), checker, objects, n_images, sample_steps, index)
     row["examples"] = {k: [np.asarray(img).tolist() for img in v] for k, v in examples.items()} if index < 4 else {}
     row["image"] = rendered.image.tolist() if index < 4 else None
     return row
@@ -175,7 +194,8 @@ def summarise(rows: list[dict]) -> dict:
     out = {}
     for variant in rows[0]["variants"]:
         concepts = [c for r in rows for c in r["variants"][variant]["concepts"].values()]
-        out[variant] = {key: round(statistics.mean(c[key] for c in concepts), 4) for key in concepts[0]}
+        out[variant] = {key: round(statistics.mean(c[key] for c in concepts), 4)
+                        for key in concepts[0] if key != "object"}
         out[variant]["recovery"] = round(statistics.mean(
             (c["recovery_plain"] + c["recovery_coloured"]) / 2 for c in concepts), 4)
         out[variant]["seconds_per_scene"] = round(statistics.mean(r["variants"][variant]["seconds"] for r in rows), 2)

@@ -29,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from toyworld_mcpl import CUTS, RESULTS, heldout_scenes, learn, phrase, phrases, recovery  # noqa: E402
+from toyworld_mcpl import RESULTS, heldout_scenes, learn, oracle, phrases, score_concepts, sentence  # noqa: E402
 
 from mcpl.config import TrainConfig  # noqa: E402
-from mcpl.evaluate import attention_iou, attention_share  # noqa: E402
 from mcpl.models import TOY_MODEL  # noqa: E402
 
 VALIDATION_SEED = 5000
@@ -60,10 +59,6 @@ STAGES: dict[str, dict[str, dict]] = {
 }
 
 
-def sentence(objects: list[tuple[str, str, str]], style: str) -> str:
-    return " and ".join(phrase(name, c, style) for name, c, _ in objects)
-
-
 def run_one(args: tuple) -> dict:
     """One configuration on one scene: metrics per concept."""
     name, fields, scene, base, n_images, sample_steps, style = args
@@ -74,31 +69,18 @@ def run_one(args: tuple) -> dict:
     rendered = heldout_scenes(scene + 1, seed=VALIDATION_SEED)[scene]
     image = Image.fromarray(rendered.image)
     objects = phrases(rendered)
-    masks = {f"<{n}>": torch.from_numpy(m) for (n, _, _), m in zip(objects, rendered.masks, strict=True)}
     started = time.perf_counter()
     pipe = load_pipeline(str(TOY_MODEL), "cpu")
     checker = Checker.load()
-    out: dict = {"config": name, "scene": scene, "concepts": {}}
-    if name == "oracle":  # the model's own shape word: what recovery can reach at best
-        for n, colour, shape in objects:
-            rec = recovery(pipe, checker, shape, colour, shape, n_images, sample_steps, seed=scene)
-            out["concepts"][f"<{n}>"] = {"recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"]}
+    out: dict = {"config": name, "scene": scene}
+    if name == "oracle":
+        out["concepts"] = oracle(pipe, checker, objects, n_images, sample_steps, scene)
         return out
     config = TrainConfig(**{**base, "seed": scene, **fields})
     vectors, maps = learn(str(TOY_MODEL), image, sentence(objects, style), config)
-    for token, vector in vectors.items():
-        if token in masks:
-            pipe.load_textual_inversion({token: vector}, token=token)
-    for n, colour, shape in objects:
-        token = f"<{n}>"
-        own, other = masks[token], next(m for t, m in masks.items() if t != token)
-        rec = recovery(pipe, checker, token, colour, shape, n_images, sample_steps, seed=scene)
-        out["concepts"][token] = {
-            **{f"iou@{k}": attention_iou(maps[token], own, k) for k in CUTS},
-            **{f"iou_other@{k}": attention_iou(maps[token], other, k) for k in CUTS},
-            "share": attention_share(maps[token], own),
-            "recovery_plain": rec["plain"], "recovery_coloured": rec["coloured"],
-        }
+    for token in (f"<{n}>" for n, _, _ in objects):
+        pipe.load_textual_inversion({token: vectors[token]}, token=token)
+    out["concepts"], _ = score_concepts(pipe, checker, maps, rendered, style, n_images, sample_steps, scene)
     out["seconds"] = round(time.perf_counter() - started, 2)
     return out
 
@@ -109,7 +91,7 @@ def summarise(rows: list[dict]) -> dict:
         by_config.setdefault(row["config"], []).extend(row["concepts"].values())
     summary = {}
     for name, concepts in by_config.items():
-        s = {key: round(statistics.mean(c[key] for c in concepts), 4) for key in concepts[0]}
+        s = {key: round(statistics.mean(c[key] for c in concepts), 4) for key in concepts[0] if key != "object"}
         s["recovery"] = round((s["recovery_plain"] + s["recovery_coloured"]) / 2, 4)
         summary[name] = s
     return summary
