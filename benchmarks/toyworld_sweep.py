@@ -8,6 +8,7 @@ object, share of attention on its own object, and shape recovery in generations.
     python benchmarks/toyworld_sweep.py lr          # learning rate x steps (MCPL-one)
     python benchmarks/toyworld_sweep.py mask        # AttnMask: threshold k, mask source, layers
     python benchmarks/toyworld_sweep.py cl          # PromptCL: tau and lambda, Bind adj
+    python benchmarks/toyworld_sweep.py steps       # does longer training help full MCPL more than MCPL-one?
     python benchmarks/toyworld_sweep.py oracle      # ceiling: the true shape word instead of a token
 
 Writes benchmarks/results/toyworld_sweep_<stage>.json (+ a .md table).
@@ -55,6 +56,8 @@ STAGES: dict[str, dict[str, dict]] = {
         **{f"full_tau{t:g}_w{w:g}": {**FULL, "cl_temperature": t, "cl_weight": w}
            for t, w in ((0.2, 5e-3), (0.07, 5e-2))},
     },
+    "steps": {f"{name}_s{steps}": {**fields, "steps": steps} for steps in (60, 150)
+              for name, fields in (("mcpl_one", {}), ("full", FULL))},
     "oracle": {"oracle": {}},
 }
 
