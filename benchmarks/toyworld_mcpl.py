@@ -39,11 +39,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mcpl.concepts.metrics import attention_iou, attention_share  # noqa: E402
 from mcpl.config import TrainConfig  # noqa: E402
-from mcpl.evaluate import attention_iou, attention_share  # noqa: E402
-from mcpl.job import image_attention_maps  # noqa: E402
-from mcpl.models import TOY_MODEL, load_components  # noqa: E402
-from mcpl.train import JobInput, MCPLTrainer  # noqa: E402
+from mcpl.job.run import image_attention_maps  # noqa: E402
+from mcpl.method.models import TOY_MODEL, load_components  # noqa: E402
+from mcpl.method.trainer import JobInput, MCPLTrainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
@@ -104,7 +104,7 @@ def assignment(maps: dict, tokens: list[str], masks: list[np.ndarray]) -> list[i
 
 
 def recovery(pipe, checker, token: str, colour: str, shape: str, n: int, steps: int, seed: int) -> dict:
-    from mcpl.generate import generate
+    from mcpl.concepts.generate import generate
 
     out = {}
     for key, prompt in (("plain", f"a {token}"), ("coloured", f"a {colour} {token}")):
@@ -155,7 +155,7 @@ def run_scene(args: tuple) -> dict:
     """All variants on one scene (one worker process, one thread)."""
     index, model, steps, n_images, sample_steps, lr, style, chosen = args
     torch.set_num_threads(1)
-    from mcpl.generate import load_pipeline
+    from mcpl.concepts.generate import load_pipeline
     from mcpl.toyworld.checker import Checker
 
     checker = Checker.load()
@@ -227,7 +227,7 @@ def targets(summary: dict, cut: float) -> dict:
 
 def picture(rows: list[dict], path: Path) -> None:
     """Per shown scene: the image, then each variant's two attention maps and a sample."""
-    from mcpl.overlay import grid, overlay
+    from mcpl.concepts.overlay import grid, overlay
 
     shown = [r for r in rows if r.get("image") is not None]
     lines, labels = [], []
@@ -263,7 +263,7 @@ def targets_text(result: dict) -> str:
 
 def resolved_lr(model: str) -> float:
     """The learning rate a job on this model gets when none is given (its hint or the norm rule)."""
-    from mcpl.train import default_learning_rate
+    from mcpl.method.trainer import default_learning_rate
 
     return default_learning_rate(load_components(model, "cpu"), TrainConfig().batch_size)
 

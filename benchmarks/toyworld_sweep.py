@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from toyworld_mcpl import RESULTS, heldout_scenes, learn, oracle, phrases, score_concepts, sentence  # noqa: E402
 
 from mcpl.config import TrainConfig  # noqa: E402
-from mcpl.models import TOY_MODEL  # noqa: E402
+from mcpl.method.models import TOY_MODEL  # noqa: E402
 
 VALIDATION_SEED = 5000
 FULL = {"attn_mask": True, "prompt_cl": True, "bind_adj": True}
@@ -66,7 +66,7 @@ def run_one(args: tuple) -> dict:
     """One configuration on one scene: metrics per concept."""
     name, fields, scene, base, n_images, sample_steps, style = args
     torch.set_num_threads(1)
-    from mcpl.generate import load_pipeline
+    from mcpl.concepts.generate import load_pipeline
     from mcpl.toyworld.checker import Checker
 
     rendered = heldout_scenes(scene + 1, seed=VALIDATION_SEED)[scene]

@@ -8,8 +8,8 @@
 - A task retry re-enters `run_job`, which resumes from the job's newest checkpoint.
 - Finished jobs are skipped: a job's id hashes its images, sentences, config and model, and
   its bundle's job.json marks it done (`mcpl.batch.is_done`).
-- MLflow: a parent run per batch, a nested run per job (mcpl.tracking, spooled when MLflow
-  is down); afterwards the concepts go into the registry (mcpl.registry).
+- MLflow: a parent run per batch, a nested run per job (mcpl.pipeline.tracking.tracker, spooled when MLflow
+  is down); afterwards the concepts go into the registry (mcpl.pipeline.registry.publish).
 """
 
 # No `from __future__ import annotations` here: Prefect builds its parameter model from the
@@ -52,7 +52,7 @@ def visible_devices(devices: list[str] | None, cpu_concurrency: int) -> list[str
 
 
 def _tracker(tracking: dict):
-    from mcpl.tracking import Tracker
+    from mcpl.pipeline.tracking.tracker import Tracker
 
     tracker = Tracker(tracking.get("uri"), tracking["spool_dir"], tracking.get("experiment", "mcpl"))
     if tracking.get("parent_key") and tracking.get("parent_run_id") and not tracker.run_id(tracking["parent_key"]):
@@ -66,9 +66,9 @@ def train_job(spec: dict, out: str, device: str, tracking: dict, isolate: bool =
               sample_steps: int = 25, threads: int = 1, tracker: Any = None) -> dict:
     """Train one job on `device` (in a process of its own if `isolate`); raises on failure so
     Prefect retries it, and a retry resumes from the job's newest checkpoint."""
-    from mcpl.batch import job_dir
-    from mcpl.data import JobSpec
-    from mcpl.tracking import run_tracked_job
+    from mcpl.pipeline.data import JobSpec
+    from mcpl.pipeline.runner import job_dir
+    from mcpl.pipeline.tracking.tracker import run_tracked_job
 
     logger = get_run_logger()
     folder = job_dir(out, spec["job_id"])
@@ -121,7 +121,7 @@ def job_via_deployment(spec: dict, out: str, tracking: dict, deployment: str, re
     """Run one job as a child flow run of the per-job deployment (a worker picks it up)."""
     from prefect.deployments import run_deployment
 
-    from mcpl.batch import job_dir
+    from mcpl.pipeline.runner import job_dir
 
     params = {"spec": spec, "out": out, "tracking": tracking, "retries": retries, "samples": samples,
               "sample_steps": sample_steps, "threads": threads}
@@ -190,8 +190,8 @@ def batch(
     """
     import torch
 
-    from mcpl.data import load_jobs, rejected_rows, validate_dataset
-    from mcpl.models import default_model
+    from mcpl.method.models import default_model
+    from mcpl.pipeline.data import load_jobs, rejected_rows, validate_dataset
 
     logger = get_run_logger()
     started = time.time()
@@ -269,8 +269,8 @@ def _open_batch_run(out_root: Path, tracking_uri: str | None, experiment: str, j
     """The batch's tracker and parent run (lineage tags, base config); what each job needs to join it."""
     from prefect.runtime import flow_run
 
-    from mcpl.models import model_hash
-    from mcpl.tracking import Tracker, dataset_hash, git_revision, resolve_tracking_uri
+    from mcpl.method.models import model_hash
+    from mcpl.pipeline.tracking.tracker import Tracker, dataset_hash, git_revision, resolve_tracking_uri
 
     batch_key = f"batch-{(flow_run.id or uuid.uuid4().hex)[:8]}"
     uri = resolve_tracking_uri(tracking_uri)
@@ -308,7 +308,7 @@ def _fan_out(specs: list[dict], slots: list[str], submit, out_root: Path) -> lis
 
 def _outcome(future, spec: dict, out_root: Path) -> dict:
     """The task's outcome dict, or a failed outcome carrying the error."""
-    from mcpl.batch import job_dir
+    from mcpl.pipeline.runner import job_dir
 
     future.wait()
     result = future.result(raise_on_failure=False)
@@ -323,8 +323,8 @@ def _outcome(future, spec: dict, out_root: Path) -> dict:
 
 
 def _publish(out_root: Path, done: list[dict], tracker, batch_key: str, experiment: str, pending: int) -> dict:
-    from mcpl.registry import concept_cards, publish
-    from mcpl.tracking import job_key
+    from mcpl.pipeline.registry.publish import concept_cards, publish
+    from mcpl.pipeline.tracking.tracker import job_key
 
     logger = get_run_logger()
     if pending:

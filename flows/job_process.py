@@ -22,9 +22,9 @@ def main(args_file: str) -> int:
 
     torch.set_num_threads(max(1, int(args.get("threads") or 1)))
     from flows.faults import FaultInjector
-    from mcpl.batch import job_dir
-    from mcpl.data import JobSpec
-    from mcpl.tracking import Tracker, run_tracked_job
+    from mcpl.pipeline.data import JobSpec
+    from mcpl.pipeline.runner import job_dir
+    from mcpl.pipeline.tracking.tracker import Tracker, run_tracked_job
 
     spec = JobSpec.from_dict(args["spec"])
     tracking = args["tracking"]

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from mcpl.models import build_tiny_model
+    from mcpl.method.models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from mcpl.config import TrainConfig
-from mcpl.data import load_jobs
+from mcpl.pipeline.data import load_jobs
 
 SENTENCE = "a red <c1|object|red> and a blue <c2|thing|blue>"
 BOX1, BOX2 = (2, 2, 14, 14), (18, 18, 30, 30)

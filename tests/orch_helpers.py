@@ -161,7 +161,7 @@ def fast_config(**fields):
 
 def jobs_for(root: Path, model: str, manifest: Path | None = None, **fields) -> list:
     """Validate a dataset folder and return its JobSpecs under the fast test config."""
-    from mcpl.data import load_jobs, validate_dataset
+    from mcpl.pipeline.data import load_jobs, validate_dataset
 
     report = validate_dataset(root, manifest or root / "manifest.parquet", model)
     assert report.ok, report.render()

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(DRIVER).ex
 @pytest.fixture(scope="module")
 def published_kite(tmp_path_factory, tiny_model, mlflow_server):
     """One job tracked on the test MLflow server and published to its registry."""
-    from mcpl.registry import concept_cards, publish
-    from mcpl.tracking import Tracker, run_tracked_job
+    from mcpl.pipeline.registry.publish import concept_cards, publish
+    from mcpl.pipeline.tracking.tracker import Tracker, run_tracked_job
 
     tmp = tmp_path_factory.mktemp("web")
     root = write_dataset(tmp / "web", [{"image": "k.png", "colours": ("blue", "yellow"),

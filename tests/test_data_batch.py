@@ -8,10 +8,10 @@ import os
 
 from data_helpers import SENTENCE, add_good_files, write_jsonl
 
-from mcpl.batch import run_batch
 from mcpl.cli import main
 from mcpl.config import TrainConfig
-from mcpl.data import load_jobs, rejected_rows, validate_dataset
+from mcpl.pipeline.data import load_jobs, rejected_rows, validate_dataset
+from mcpl.pipeline.runner import run_batch
 
 FAST = TrainConfig(steps=2, batch_size=2, map_timesteps=2, checkpoint_every=1)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mcpl.config import TrainConfig
-from mcpl.data import load_jobs, validate_dataset
-from mcpl.data.example import write_example
+from mcpl.pipeline.data import load_jobs, validate_dataset
+from mcpl.pipeline.data.example import write_example
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ from data_helpers import (
 from PIL import Image
 
 from mcpl.config import TrainConfig
-from mcpl.data import load_jobs, validate_dataset
+from mcpl.pipeline.data import load_jobs, validate_dataset
 
 
 def validate(root: Path, model: str, **kw):

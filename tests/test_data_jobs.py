@@ -10,8 +10,8 @@ import pytest
 from data_helpers import add_good_files, scene, write_jsonl
 
 from mcpl.config import TrainConfig
-from mcpl.data import FileCheckError, JobSpec, StaleInputError, load_jobs, validate_dataset
-from mcpl.job import job_id
+from mcpl.job.run import job_id
+from mcpl.pipeline.data import FileCheckError, JobSpec, StaleInputError, load_jobs, validate_dataset
 
 
 def jobs_of(root, model, config=None, rows=None):

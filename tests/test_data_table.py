@@ -21,7 +21,7 @@ from transformers import CLIPTokenizer
 
 from mcpl.cli import main
 from mcpl.config import TrainConfig
-from mcpl.data import MANIFEST_SCHEMA, DatasetError, load_jobs, validate_dataset
+from mcpl.pipeline.data import MANIFEST_SCHEMA, DatasetError, load_jobs, validate_dataset
 
 HEADER = ["image", "sentence", "masks"]
 

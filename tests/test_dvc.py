@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from mcpl.cli import COMMANDS
-from mcpl.models import build_tiny_model
+from mcpl.method.models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "data/.gitignore",
-         "mcpl/data/example.py",
+         "mcpl/pipeline/data/example.py",
          "mcpl/toyworld/dataset.py", "mcpl/toyworld/render.py")
 HAS_REGISTRY = "registry" in COMMANDS
 

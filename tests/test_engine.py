@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import two_square_image
 
-from mcpl.attention import AttentionStore, cross_attention_layers, install_capture, select_layers, union_mask
 from mcpl.config import TrainConfig
-from mcpl.learned import frozen_table, initializer_embedding
-from mcpl.losses import prompt_contrastive_loss
-from mcpl.models import ModelLoadError, load_components
-from mcpl.prompts import SentenceError
-from mcpl.train import JobInput, MCPLTrainer
+from mcpl.method.attention import AttentionStore, cross_attention_layers, install_capture, select_layers, union_mask
+from mcpl.method.learned import frozen_table, initializer_embedding
+from mcpl.method.losses import prompt_contrastive_loss
+from mcpl.method.models import ModelLoadError, load_components
+from mcpl.method.prompts import SentenceError
+from mcpl.method.trainer import JobInput, MCPLTrainer
 
 TWO = "a photo of a red <c1|object|red> and a blue <c2|thing|blue>"
 
@@ -291,7 +291,7 @@ def test_model_hints_set_learning_rate_and_templates_unless_config_overrides(tin
     import json
     import shutil
 
-    from mcpl.models import HINTS_FILE
+    from mcpl.method.models import HINTS_FILE
 
     hinted = tmp_path / "hinted"
     shutil.copytree(tiny_model, hinted)

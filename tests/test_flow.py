@@ -164,7 +164,7 @@ def test_crashed_job_retry_resumes_from_checkpoint(tmp_path, tiny_model, prefect
 
 
 def test_bad_row_fails_only_its_job(tmp_path, tiny_model, prefect_api, mlflow_server):
-    from mcpl.data import validate_dataset
+    from mcpl.pipeline.data import validate_dataset
 
     data = write_dataset(tmp_path / "mixed", [
         {"image": "good.png", "colours": ("green", "red"), "sentence": SENTENCE},
@@ -232,7 +232,7 @@ def _id(out: Path, key: str) -> str:
 def test_killed_job_process_resumes(tmp_path, tiny_model, prefect_api, mlflow_server, monkeypatch):
     """Side by side (2 CPU slots), each job is its own process; SIGKILL one mid-training."""
     from mcpl.config import TrainConfig
-    from mcpl.data import load_jobs, validate_dataset
+    from mcpl.pipeline.data import load_jobs, validate_dataset
 
     data = write_dataset(tmp_path / "two", [
         {"image": "p.png", "colours": ("red", "yellow"), "sentence": SENTENCE},

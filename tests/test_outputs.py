@@ -17,10 +17,10 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from mcpl.concepts.embeddings import export_concept, load_concept
 from mcpl.config import TrainConfig
-from mcpl.embeddings import export_concept, load_concept
-from mcpl.job import run_job
-from mcpl.train import JobInput
+from mcpl.job.run import run_job
+from mcpl.method.trainer import JobInput
 
 TWO = "a photo of a red <c1|object|red> and a blue <c2|thing|blue>"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mcpl.prompts import (
+from mcpl.method.prompts import (
     TEMPLATES,
     Concept,
     SentenceError,

@@ -17,7 +17,7 @@ SENTENCE = "a photo of a <dog|dog> on a <board|board>"
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_model):
     """Two images that both learned <dog> and <board> (dataset `pets`), trained without tracking."""
-    from mcpl.tracking import run_tracked_job
+    from mcpl.pipeline.tracking.tracker import run_tracked_job
 
     tmp = tmp_path_factory.mktemp("reg")
     root = write_dataset(tmp / "pets", [
@@ -31,7 +31,7 @@ def bundles(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def published(bundles):
-    from mcpl.registry import client_for, publish_bundles
+    from mcpl.pipeline.registry.publish import client_for, publish_bundles
 
     uri = f"sqlite:///{bundles['tmp'] / 'mlflow.db'}"
     report = publish_bundles(bundles["out"], uri)
@@ -54,7 +54,7 @@ def test_names_are_unique_and_readable(published):
 
 
 def test_republishing_adds_no_versions(published):
-    from mcpl.registry import SNAPSHOT_MODEL, publish_bundles
+    from mcpl.pipeline.registry.publish import SNAPSHOT_MODEL, publish_bundles
 
     before = published["report"].snapshot_version
     again = publish_bundles(published["out"], published["uri"])
@@ -64,8 +64,8 @@ def test_republishing_adds_no_versions(published):
 
 
 def test_snapshot_holds_every_version_with_vectors(published):
-    from mcpl.embeddings import load_concept
-    from mcpl.registry import SNAPSHOT_FILE, SNAPSHOT_MODEL, download_version, read_snapshot, resolve
+    from mcpl.concepts.embeddings import load_concept
+    from mcpl.pipeline.registry.publish import SNAPSHOT_FILE, SNAPSHOT_MODEL, download_version, read_snapshot, resolve
 
     client = published["client"]
     name, version = resolve(client, f"models:/{SNAPSHOT_MODEL}@latest")
@@ -82,8 +82,8 @@ def test_new_training_is_a_new_version(published):
     """Same image, another config: a new version of the same concepts, aliases and snapshot move."""
     from orch_helpers import jobs_for as jobs
 
-    from mcpl.registry import SNAPSHOT_MODEL, publish_bundles, resolve
-    from mcpl.tracking import run_tracked_job
+    from mcpl.pipeline.registry.publish import SNAPSHOT_MODEL, publish_bundles, resolve
+    from mcpl.pipeline.tracking.tracker import run_tracked_job
 
     job = [j for j in jobs(published["root"], published["model"], published["tmp"] / "m2.parquet", steps=6)
            if j.images == ["images/a.png"]][0]
@@ -98,9 +98,9 @@ def test_new_training_is_a_new_version(published):
 
 
 def test_two_dogs_load_into_one_pipeline_with_their_own_tokens(published):
-    from mcpl.embeddings import load_concept
-    from mcpl.generate import generate, load_concepts, load_pipeline
-    from mcpl.registry import load_into_pipeline
+    from mcpl.concepts.embeddings import load_concept
+    from mcpl.concepts.generate import generate, load_concepts, load_pipeline
+    from mcpl.pipeline.registry.publish import load_into_pipeline
 
     pipe = load_pipeline(published["model"], "cpu")
     loaded = load_into_pipeline(pipe, ["pets.images-a.dog/1", "models:/pets.images-b.dog@latest",
@@ -119,7 +119,7 @@ def test_two_dogs_load_into_one_pipeline_with_their_own_tokens(published):
 
 
 def test_name_collision_between_different_images_gets_a_suffix(published):
-    from mcpl.registry import concept_cards, publish
+    from mcpl.pipeline.registry.publish import concept_cards, publish
 
     job = next(j for j in published["jobs"] if j.images == ["images/b.png"])
     card = next(c for c in concept_cards(published["out"] / "jobs" / job.job_id) if c.concept == "dog")
@@ -129,8 +129,8 @@ def test_name_collision_between_different_images_gets_a_suffix(published):
 
 
 def test_export_formats(published, tmp_path):
-    from mcpl.generate import load_pipeline
-    from mcpl.registry import export
+    from mcpl.concepts.generate import load_pipeline
+    from mcpl.pipeline.registry.publish import export
 
     path = export("pets.images-a.dog@one", tmp_path / "d", "diffusers", uri=published["uri"])
     assert path.name == "pets.images-a.dog.safetensors"
@@ -163,7 +163,7 @@ def test_cli_list_show_export(published, tmp_path, capsys):
 
 
 def test_a_batch_folder_publishes_only_the_jobs_of_its_latest_run(tmp_path):
-    from mcpl.registry import find_job_dirs
+    from mcpl.pipeline.registry.publish import find_job_dirs
 
     for job in ("old", "new", "failed"):
         (tmp_path / "jobs" / job).mkdir(parents=True)

@@ -30,7 +30,7 @@ def one_job(tmp_path_factory, tiny_model):
 
 
 def test_resolve_tracking_uri_precedence(monkeypatch, tmp_path):
-    from mcpl.tracking import resolve_tracking_uri
+    from mcpl.pipeline.tracking.tracker import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
@@ -40,7 +40,7 @@ def test_resolve_tracking_uri_precedence(monkeypatch, tmp_path):
 
 
 def test_spool_keeps_order_and_cursor(tmp_path):
-    from mcpl.tracking import Spool
+    from mcpl.pipeline.tracking.tracker import Spool
 
     spool = Spool(tmp_path)
     for i in range(3):
@@ -54,7 +54,7 @@ def test_spool_keeps_order_and_cursor(tmp_path):
 
 def test_unreachable_mlflow_is_spooled_then_replayed(tmp_path):
     """Every call made while MLflow is down is kept on disk and lands, in order, once it is back."""
-    from mcpl.tracking import Tracker
+    from mcpl.pipeline.tracking.tracker import Tracker
 
     dead = f"http://127.0.0.1:{free_port()}"
     artifact = tmp_path / "files" / "note.txt"
@@ -87,7 +87,7 @@ def test_unreachable_mlflow_is_spooled_then_replayed(tmp_path):
 
 
 def test_rejected_call_is_dropped_not_spooled(tmp_path):
-    from mcpl.tracking import Tracker
+    from mcpl.pipeline.tracking.tracker import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "spool")
     tracker.start_run("r", "r")
@@ -116,7 +116,7 @@ def test_tracked_job_retry_resumes_and_logs_one_curve(tmp_path, one_job):
     """A crashed job's second attempt continues from its checkpoint in the same MLflow run."""
     from mlflow.entities import RunStatus
 
-    from mcpl.tracking import Tracker, run_tracked_job
+    from mcpl.pipeline.tracking.tracker import Tracker, run_tracked_job
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracker = Tracker(uri, tmp_path / "spool")

@@ -70,9 +70,9 @@ def _quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
     if args.quiet:
         _quiet_libraries()
-    from mcpl.batch import run_batch
     from mcpl.config import TrainConfig, parse_overrides
-    from mcpl.data import DatasetError, load_jobs, rejected_rows
+    from mcpl.pipeline.data import DatasetError, load_jobs, rejected_rows
+    from mcpl.pipeline.runner import run_batch
 
     try:
         fields = load_config_file(args.config) if args.config else {}

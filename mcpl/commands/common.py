@@ -16,7 +16,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_model(args: argparse.Namespace) -> str:
-    from mcpl.models import default_model
+    from mcpl.method.models import default_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -55,7 +55,7 @@ def _boolean(text: str) -> bool:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from mcpl.data import DEFAULT_MAX_PIXELS, DatasetError, validate_dataset
+    from mcpl.pipeline.data import DEFAULT_MAX_PIXELS, DatasetError, validate_dataset
 
     try:
         report = validate_dataset(args.dataset, args.manifest, args.model,
@@ -77,7 +77,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_example(args: argparse.Namespace) -> int:
-    from mcpl.data.example import write_example
+    from mcpl.pipeline.data.example import write_example
 
     rows = write_example(args.out, scenes=args.scenes, seed=args.seed, style=args.style, group=args.group)
     print(f"wrote {len(rows)} rows ({len(list(Path(args.out, 'images').glob('*.png')))} images + masks) "

@@ -50,8 +50,8 @@ def concept_files(paths: list[str]) -> tuple[list[Path], str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mcpl.generate import generate, load_concepts, load_pipeline
-    from mcpl.models import ModelLoadError
+    from mcpl.concepts.generate import generate, load_concepts, load_pipeline
+    from mcpl.method.models import ModelLoadError
 
     try:
         files, job_model = concept_files(args.concepts)

@@ -73,8 +73,8 @@ def _fail(err: Exception) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from mcpl.registry import publish_bundles
-    from mcpl.tracking import Tracker
+    from mcpl.pipeline.registry.publish import publish_bundles
+    from mcpl.pipeline.tracking.tracker import Tracker
 
     root = Path(args.root)
     spool = root / "mlflow-spool"
@@ -95,7 +95,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from mcpl.registry import list_concepts
+    from mcpl.pipeline.registry.publish import list_concepts
 
     rows = list_concepts(args.tracking_uri, args.filter)
     if args.json:
@@ -112,7 +112,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from mcpl.registry import show
+    from mcpl.pipeline.registry.publish import show
 
     try:
         info = show(args.ref, args.tracking_uri)
@@ -132,7 +132,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from mcpl.registry import export
+    from mcpl.pipeline.registry.publish import export
 
     try:
         path = export(args.ref, args.out, args.format, args.name, args.tracking_uri)
@@ -143,8 +143,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from mcpl.generate import generate, load_pipeline
-    from mcpl.registry import client_for, load_into_pipeline, resolve
+    from mcpl.concepts.generate import generate, load_pipeline
+    from mcpl.pipeline.registry.publish import client_for, load_into_pipeline, resolve
 
     refs, tokens = [], []
     for item in args.refs:

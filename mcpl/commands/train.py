@@ -44,11 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mcpl.config import TrainConfig, parse_overrides
-    from mcpl.data.files import FileCheckError, open_image
-    from mcpl.job import run_job
-    from mcpl.models import ModelLoadError
-    from mcpl.prompts import SentenceError
-    from mcpl.train import JobInput
+    from mcpl.job.run import run_job
+    from mcpl.method.models import ModelLoadError
+    from mcpl.method.prompts import SentenceError
+    from mcpl.method.trainer import JobInput
+    from mcpl.pipeline.data.files import FileCheckError, open_image
 
     if len(args.image) != len(args.sentence):
         print(f"error: {len(args.image)} --image but {len(args.sentence)} --sentence; give one sentence per image",

@@ -2,7 +2,7 @@
 
 Every table row gets one manifest row: what was read, what was learned about its files,
 and a status with the reasons it was rejected. Valid rows are grouped into jobs (one
-image, or one MCPL-diverse group) under a content key; `mcpl.data.jobs.load_jobs` turns
+image, or one MCPL-diverse group) under a content key; `mcpl.pipeline.data.jobs.load_jobs` turns
 those into `JobSpec`s with the final job ids (content + config + model).
 """
 
@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from mcpl.config import TrainConfig
-from mcpl.data.files import DEFAULT_MAX_PIXELS, FileCheckError, load_image, load_mask, mask_pixels
-from mcpl.data.table import DatasetError, RawRow, find_table, read_table
-from mcpl.images import image_hash
-from mcpl.prompts import Sentence, SentenceError, check_against_vocab, parse_sentence, plan_prompts
+from mcpl.method.images import image_hash
+from mcpl.method.prompts import Sentence, SentenceError, check_against_vocab, parse_sentence, plan_prompts
+from mcpl.pipeline.data.files import DEFAULT_MAX_PIXELS, FileCheckError, load_image, load_mask, mask_pixels
+from mcpl.pipeline.data.table import DatasetError, RawRow, find_table, read_table
 
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_VERSION = "1"
@@ -46,7 +46,7 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("overrides", pa.string()),                 # JSON object of TrainConfig fields
     pa.field("meta", pa.string()),                      # JSON, kept as given
     pa.field("concepts", pa.list_(_CONCEPT)),
-    pa.field("image_hash", pa.string()),                # hash of the decoded RGB pixels (mcpl.images)
+    pa.field("image_hash", pa.string()),                # hash of the decoded RGB pixels (mcpl.method.images)
     pa.field("file_bytes", pa.int64()),
     pa.field("format", pa.string()),
     pa.field("mode", pa.string()),                      # the file's mode before conversion to RGB
@@ -218,7 +218,7 @@ def validate_dataset(root: str | Path, manifest_path: str | Path | None = None, 
     table_path = find_table(root, table)
     parsed = read_table(table_path)
     if not model:
-        from mcpl.models import default_model
+        from mcpl.method.models import default_model
 
         model = default_model()
     vocab = Vocabulary(model)

@@ -23,9 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mcpl.data.jobs import JobSpec
-from mcpl.job import JOB_FILE
-from mcpl.registry import SPEC_FILE  # the JobSpec of a bundle (dataset, rows, group), read by the registry
+from mcpl.job.run import JOB_FILE
+from mcpl.pipeline.data.jobs import JobSpec
+from mcpl.pipeline.registry.publish import (
+    SPEC_FILE,  # the JobSpec of a bundle (dataset, rows, group), read by the registry
+)
 
 SUMMARY_FILE = "summary.json"
 JOBS_DIR = "jobs"
@@ -111,8 +113,8 @@ def train_one(spec: JobSpec, out: Path, callbacks: Sequence = (), device: str | 
     Shared by the in-process batch and the orchestrated task, so both write the same
     bundle: spec.json, the engine's bundle, the registry cards. Returns job.json's record.
     """
-    from mcpl.job import run_job
-    from mcpl.registry import concept_cards
+    from mcpl.job.run import run_job
+    from mcpl.pipeline.registry.publish import concept_cards
 
     out.mkdir(parents=True, exist_ok=True)
     (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mcpl.embeddings import EMBEDS_FILE, ExportFormat, export_concept, load_concept
+from mcpl.concepts.embeddings import EMBEDS_FILE, ExportFormat, export_concept, load_concept
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,14 @@ def client_for(uri: str | None = None):
     """An MlflowClient on the resolved tracking URI (registry in the same store)."""
     from mlflow import MlflowClient
 
-    from mcpl.tracking import resolve_tracking_uri
+    from mcpl.pipeline.tracking.tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _experiment_id(client, name: str) -> str:
-    from mcpl.tracking import experiment_id
+    from mcpl.pipeline.tracking.tracker import experiment_id
 
     return experiment_id(client, name)
 
@@ -457,7 +457,7 @@ def load_into_pipeline(pipe, refs: Sequence[str], tokens: Sequence[str | None] |
     `tokens` overrides them (None entries keep the default). A token already in the
     tokenizer is an error (mcpl.generate.load_concepts), never a silent overwrite.
     """
-    from mcpl.generate import load_concepts
+    from mcpl.concepts.generate import load_concepts
 
     loaded = fetch(refs, uri, client)
     for i, item in enumerate(loaded):

@@ -14,9 +14,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from mcpl.attention import AttentionStore, install_capture, restore_processors, select_layers
-from mcpl.embeddings import load_concept
-from mcpl.models import ModelLoadError, frozen_dtype, pick_device
+from mcpl.concepts.embeddings import load_concept
+from mcpl.method.attention import AttentionStore, install_capture, restore_processors, select_layers
+from mcpl.method.models import ModelLoadError, frozen_dtype, pick_device
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Generation:
 
     def save(self, out: str | Path) -> Path:
         """image_<i>.png and attention_<i>.png (the image + one overlay per token) per image."""
-        from mcpl.overlay import attention_figure
+        from mcpl.concepts.overlay import attention_figure
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ import warnings
 import torch
 from torch import nn
 
-from mcpl.models import Components
-from mcpl.prompts import PromptPlan, SentenceError
+from mcpl.method.models import Components
+from mcpl.method.prompts import PromptPlan, SentenceError
 
 
 class LearnedTokenEmbedding(nn.Module):

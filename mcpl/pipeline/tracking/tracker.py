@@ -525,8 +525,8 @@ def run_tracked_job(spec: Any, out_root: str | Path, tracker: Tracker | None = N
     import traceback
     from dataclasses import asdict
 
-    from mcpl.batch import fill_outcome, is_done, job_dir, new_outcome, train_one
-    from mcpl.checkpoint import list_checkpoints
+    from mcpl.method.checkpoint import list_checkpoints
+    from mcpl.pipeline.runner import fill_outcome, is_done, job_dir, new_outcome, train_one
 
     out = job_dir(out_root, spec.job_id)
     outcome = new_outcome(spec, out_root)
@@ -544,7 +544,7 @@ def run_tracked_job(spec: Any, out_root: str | Path, tracker: Tracker | None = N
     cb = None
     if tracker is not None:
         tags = {"mcpl.kind": "job", "mcpl.job_id": spec.job_id, "mcpl.rows": ",".join(map(str, spec.rows)),
-                "mcpl.images": ",".join(spec.images), "mcpl.group": spec.group or "",
+                "mcpl.method.images": ",".join(spec.images), "mcpl.group": spec.group or "",
                 "mcpl.dataset": spec.dataset, "mcpl.dataset_hash": dataset_hash([spec]),
                 "mcpl.strategy": spec.config.strategy, "mcpl.device": device or "",
                 "mcpl.resume_checkpoint": extra["resumed_from"], **(extra_tags or {})}

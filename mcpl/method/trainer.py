@@ -20,14 +20,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mcpl.attention import AttentionStore, install_capture, restore_processors, select_layers, union_mask
-from mcpl.checkpoint import load_latest, save_checkpoint
 from mcpl.config import TrainConfig
-from mcpl.images import LatentCache, encode_images, image_hash
-from mcpl.learned import LearnedTokenEmbedding, attach_learned_tokens, frozen_table, token_vectors
-from mcpl.losses import masked_noise_loss, prompt_contrastive_loss
-from mcpl.models import Components
-from mcpl.prompts import TEMPLATES, PromptPlan, Sentence, SentenceError, parse_sentence, plan_prompts
+from mcpl.method.attention import AttentionStore, install_capture, restore_processors, select_layers, union_mask
+from mcpl.method.checkpoint import load_latest, save_checkpoint
+from mcpl.method.images import LatentCache, encode_images, image_hash
+from mcpl.method.learned import LearnedTokenEmbedding, attach_learned_tokens, frozen_table, token_vectors
+from mcpl.method.losses import masked_noise_loss, prompt_contrastive_loss
+from mcpl.method.models import Components
+from mcpl.method.prompts import TEMPLATES, PromptPlan, Sentence, SentenceError, parse_sentence, plan_prompts
 
 
 class TrainCallback(Protocol):

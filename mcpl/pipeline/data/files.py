@@ -173,5 +173,5 @@ def _open_named(root: Path, relative: str, max_pixels: int, kind: str) -> tuple[
 
 
 def mask_pixels(mask: Image.Image) -> int:
-    """How many pixels count as object (> 127, the rule mcpl.evaluate uses)."""
+    """How many pixels count as object (> 127, the rule mcpl.concepts.metrics uses)."""
     return int((np.asarray(mask) > 127).sum())

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mcpl.config import TrainConfig
-from mcpl.data.files import DEFAULT_MAX_PIXELS, load_image, load_mask
-from mcpl.data.table import DatasetError
-from mcpl.data.validate import read_manifest
-from mcpl.images import image_hash
+from mcpl.method.images import image_hash
+from mcpl.pipeline.data.files import DEFAULT_MAX_PIXELS, load_image, load_mask
+from mcpl.pipeline.data.table import DatasetError
+from mcpl.pipeline.data.validate import read_manifest
 
 if TYPE_CHECKING:  # the engine (diffusers) loads only when a job actually loads its inputs
-    from mcpl.train import JobInput
+    from mcpl.method.trainer import JobInput
 
 
 class StaleInputError(DatasetError):
@@ -44,7 +44,7 @@ class JobSpec:
 
     def load_inputs(self) -> list[JobInput]:
         """Load images and masks (paths re-resolved inside the root, same checks as validation)."""
-        from mcpl.train import JobInput
+        from mcpl.method.trainer import JobInput
 
         root = Path(self.dataset)
         inputs = []
@@ -104,7 +104,7 @@ def job_config(base: TrainConfig, overrides: dict, group: str | None) -> TrainCo
 
 def load_jobs(manifest_path: str | Path, base_config: TrainConfig, model: str) -> list[JobSpec]:
     """The valid rows of a manifest as jobs (table order), each with its final job id."""
-    from mcpl.job import job_id
+    from mcpl.job.run import job_id
 
     manifest_path = Path(manifest_path)
     rows, meta = read_manifest(manifest_path)

@@ -6,10 +6,10 @@
 Format, limits and every error: docs/FORMAT.md and docs/DATA.md.
 """
 
-from mcpl.data.files import DEFAULT_MAX_PIXELS, FileCheckError, ImageInfo, open_image, resolve_inside
-from mcpl.data.jobs import JobSpec, StaleInputError, job_config, load_jobs, rejected_rows
-from mcpl.data.table import COLUMNS, OPTIONAL, REQUIRED, DatasetError
-from mcpl.data.validate import (
+from mcpl.pipeline.data.files import DEFAULT_MAX_PIXELS, FileCheckError, ImageInfo, open_image, resolve_inside
+from mcpl.pipeline.data.jobs import JobSpec, StaleInputError, job_config, load_jobs, rejected_rows
+from mcpl.pipeline.data.table import COLUMNS, OPTIONAL, REQUIRED, DatasetError
+from mcpl.pipeline.data.validate import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
     RowResult,

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from mcpl.concepts.embeddings import EMBEDS_FILE, save_concept
+from mcpl.concepts.metrics import concept_metrics
+from mcpl.concepts.overlay import attention_figure, grid
 from mcpl.config import TrainConfig
-from mcpl.embeddings import EMBEDS_FILE, save_concept
-from mcpl.evaluate import concept_metrics
-from mcpl.images import square_resize
-from mcpl.models import Components, load_components, model_hash
-from mcpl.overlay import attention_figure, grid
-from mcpl.prompts import parse_sentence
-from mcpl.train import JobInput, MCPLTrainer, TrainCallback
+from mcpl.method.images import square_resize
+from mcpl.method.models import Components, load_components, model_hash
+from mcpl.method.prompts import parse_sentence
+from mcpl.method.trainer import JobInput, MCPLTrainer, TrainCallback
 
 JOB_FILE = "job.json"
 
@@ -148,7 +148,7 @@ def write_samples(model: str, out: Path, record: dict, n: int, steps: int, seed:
                   template: str = "a photo of {}") -> dict:
     """Generate each concept alone (`template` around "a <token>", in the phrasing the model
     knows) and all together, with the files diffusers would load."""
-    from mcpl.generate import generate, load_concepts, load_pipeline
+    from mcpl.concepts.generate import generate, load_concepts, load_pipeline
 
     pipe = load_pipeline(model, device)
     files = [out / c["file"] for c in record["concepts"]]

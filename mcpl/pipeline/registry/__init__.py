@@ -1,0 +1,1 @@
+"""The concept registry: learned concepts as versioned MLflow registered models."""

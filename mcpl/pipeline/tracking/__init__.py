@@ -1,0 +1,1 @@
+"""MLflow tracking that never loses a training result (spool and replay)."""
