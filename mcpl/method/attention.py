@@ -10,6 +10,7 @@ as if a CFG batch were present and OR-ed every mask with sample 0's).
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,18 @@ def select_layers(unet: UNet2DConditionModel, names: list[str] | None = None,
     return [n for n in layers if layer_downscale(n, unet) == best]
 
 
+class ProbabilityStore(Protocol):
+    """What a capture processor reports to: `enabled` (compute explicit probabilities?) and `record`.
+
+    AttentionStore (below) keeps detached per-concept maps for AttnMask and the exported
+    maps; the toy world's pretraining keeps the raw probabilities with their gradient.
+    """
+
+    enabled: bool
+
+    def record(self, probs: torch.Tensor, heads: int, layer: str) -> None: ...
+
+
 class AttentionStore:
     """Collects per-sample, per-concept maps from every captured layer call.
 
@@ -67,7 +80,7 @@ class AttentionStore:
     def reset(self) -> None:
         self.maps = []
 
-    def record(self, probs: torch.Tensor, heads: int) -> None:
+    def record(self, probs: torch.Tensor, heads: int, layer: str = "") -> None:
         if not self.enabled or self.key_weights is None:
             return
         batch_heads, queries, keys = probs.shape
@@ -92,10 +105,11 @@ class AttentionStore:
 
 
 class CaptureProcessor:
-    """Cross-attention with explicit probabilities, recorded into an AttentionStore."""
+    """Cross-attention with explicit probabilities, reported to a store under the layer's name."""
 
-    def __init__(self, store: AttentionStore) -> None:
+    def __init__(self, store: ProbabilityStore, layer: str = "") -> None:
         self.store = store
+        self.layer = layer
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -118,7 +132,7 @@ class CaptureProcessor:
         value = attn.head_to_batch_dim(attn.to_v(context))
         if self.store.enabled:
             probs = attn.get_attention_scores(query, key, mask)
-            self.store.record(probs, attn.heads)
+            self.store.record(probs, attn.heads, self.layer)
             out = torch.bmm(probs, value)
         else:  # nothing to record: the fused kernel, same result
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
@@ -131,11 +145,15 @@ class CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
-def install_capture(unet: UNet2DConditionModel, store: AttentionStore, layers: list[str]) -> dict:
-    """Put capture processors on `layers`; returns the previous processors for `restore`."""
+def install_capture(unet: UNet2DConditionModel, store: ProbabilityStore, layers: list[str]) -> dict:
+    """Put capture processors on `layers`; returns the previous processors for `restore`.
+
+    Each processor reports under its layer's name without the `.processor` suffix
+    (e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2`).
+    """
     previous = dict(unet.attn_processors)
-    processor = CaptureProcessor(store)
-    unet.set_attn_processor({n: processor if n in layers else p for n, p in previous.items()})
+    unet.set_attn_processor({n: CaptureProcessor(store, n.removesuffix(".processor")) if n in layers else p
+                             for n, p in previous.items()})
     return previous
 
 
