@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mcpl.toyworld import checker as C  # noqa: E402
-from mcpl.toyworld.model import install_recorders  # noqa: E402
+from mcpl.toyworld.model import RawAttention, install_raw_capture  # noqa: E402
 from mcpl.toyworld.render import ALL_PAIRS, HELDOUT_PAIRS, caption, render, sample_scene  # noqa: E402
 
 CUTS = (0.2, 0.3, 0.5)
@@ -46,8 +46,8 @@ class ToyModel:
         self.sched = DDIMScheduler.from_config(pipe.scheduler.config)
         for m in (self.text, self.unet, self.vae):
             m.eval().requires_grad_(False)
-        self.store: dict = {}
-        self.layers = install_recorders(self.unet, self.store)
+        self.store = RawAttention()
+        self.layers = install_raw_capture(self.unet, self.store)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tok(
@@ -61,12 +61,12 @@ class ToyModel:
 
     def _collect(self, sums: dict, cond_slice: slice) -> None:
         """Add this UNet call's head-mean maps (samples in `cond_slice`) into `sums`."""
-        for name, maps in self.store.get("maps", {}).items():
+        for name, maps in self.store.maps.items():
+            heads = self.store.heads[name]
             for probs in maps:
-                heads = probs.shape[0] // self._batch_total
-                p = probs.reshape(self._batch_total, heads, *probs.shape[1:])[cond_slice].mean(1)
+                p = probs.reshape(-1, heads, *probs.shape[1:])[cond_slice].mean(1)
                 sums[name] = sums.get(name, 0) + p
-        self.store["maps"] = {}
+        self.store.clear()
 
     @torch.no_grad()
     def sample(
@@ -85,13 +85,12 @@ class ToyModel:
         self.sched.set_timesteps(steps)
         lat = lat * self.sched.init_noise_sigma
         sums: dict = {}
-        self._batch_total = 2 * b
         for t in self.sched.timesteps:
             self.store.clear()
-            self.store["on"] = record
+            self.store.enabled = record
             x = self.sched.scale_model_input(torch.cat([lat, lat]), t)
             eps = self.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            self.store["on"] = False
+            self.store.enabled = False
             if record:
                 self._collect(sums, slice(b, 2 * b))
             eu, ec = eps.chunk(2)
@@ -109,14 +108,13 @@ class ToyModel:
         b = len(prompts)
         g = torch.Generator().manual_seed(seed)
         sums: dict = {}
-        self._batch_total = b
         for t in NOISE_T:
             tt = torch.full((b,), t)
             zt = self.sched.add_noise(z0, torch.randn(z0.shape, generator=g), tt)
             self.store.clear()
-            self.store["on"] = True
+            self.store.enabled = True
             self.unet(zt, tt, encoder_hidden_states=cond)
-            self.store["on"] = False
+            self.store.enabled = False
             self._collect(sums, slice(0, b))
         return {k: v / len(NOISE_T) for k, v in sums.items()}
 

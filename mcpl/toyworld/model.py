@@ -11,6 +11,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from mcpl.method.attention import cross_attention_layers, install_capture
+
 TEXT_DIM = 128
 IMAGE_SIZE = 32
 LATENT_SIZE = 16
@@ -83,59 +85,30 @@ def build_sample_scheduler() -> DDIMScheduler:
     return DDIMScheduler.from_config(build_train_scheduler().config, set_alpha_to_one=False)
 
 
-class RecordingCrossAttnProcessor:
-    """Plain (non-fused) attention that can keep its cross-attention probabilities.
+class RawAttention:
+    """A `mcpl.method.attention.ProbabilityStore` that keeps raw cross-attention probabilities.
 
-    Training needs them with gradients (grounding loss); evaluation needs them to compare
-    word maps with masks. `store` is shared by all layers: when `store["on"]` is true the
-    probabilities (batch*heads, queries, keys) are appended under this layer's name.
+    `maps[layer]` lists every recorded call's probabilities, shape (batch*heads, queries,
+    keys), undetached: pretraining's grounding loss backpropagates through them, and the
+    gates average them into word maps. While `enabled` is false the capture processors use
+    the fused attention kernel and record nothing.
     """
 
-    def __init__(self, store: dict, name: str) -> None:
-        self.store = store
-        self.name = name
+    def __init__(self) -> None:
+        self.enabled = False
+        self.maps: dict[str, list[torch.Tensor]] = {}
+        self.heads: dict[str, int] = {}
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch_size = hidden_states.shape[0]
-        seq = hidden_states.shape[1] if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        query = attn.head_to_batch_dim(query)
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        if self.store.get("on"):
-            self.store.setdefault("maps", {}).setdefault(self.name, []).append(probs)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def record(self, probs: torch.Tensor, heads: int, layer: str) -> None:
+        self.maps.setdefault(layer, []).append(probs)
+        self.heads[layer] = heads
+
+    def clear(self) -> None:
+        self.maps = {}
 
 
-def install_recorders(unet: UNet2DConditionModel, store: dict) -> list[str]:
-    """Swap every cross-attention (attn2) processor for a recorder; returns layer names."""
-    procs = {}
-    names = []
-    for key, proc in unet.attn_processors.items():
-        if key.endswith("attn2.processor"):
-            name = key[: -len(".attn2.processor")]
-            procs[key] = RecordingCrossAttnProcessor(store, name)
-            names.append(name)
-        else:
-            procs[key] = proc
-    unet.set_attn_processor(procs)
-    return names
+def install_raw_capture(unet: UNet2DConditionModel, store: RawAttention) -> list[str]:
+    """Capture every cross-attention layer of `unet` into `store`; returns the layer names."""
+    layers = cross_attention_layers(unet)
+    install_capture(unet, store, layers)
+    return [n.removesuffix(".processor") for n in layers]

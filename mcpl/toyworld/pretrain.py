@@ -26,9 +26,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from mcpl.method.checkpoint import list_checkpoints, load_latest, save_checkpoint  # noqa: E402
+from mcpl.provenance import git_revision  # noqa: E402
 from mcpl.toyworld import model as M  # noqa: E402
 from mcpl.toyworld.render import TRAIN_PAIRS, caption, render, sample_scene  # noqa: E402
 from mcpl.toyworld.tokenizer import build_tokenizer  # noqa: E402
@@ -64,9 +65,13 @@ class Config:
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
     ckpt_every: int = 200
+    ckpt_keep: int = 2  # step folders kept in `ckpt`
     export_every: int = 500
     log_every: int = 25
     threads: int = 1
+    # Start UNet, text encoder (and their EMA copies) from an exported model folder's weights
+    # (the export holds the EMA) and use its VAE, instead of training from scratch.
+    init_from: str = ""
 
 
 # ----------------------------------------------------------------------------- data
@@ -135,12 +140,6 @@ def word_positions(n_obj: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- io
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def save_json_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -165,6 +164,32 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def config_json(cfg: Config) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+# Checkpoint tensors: one safetensors file per step folder (mcpl.method.checkpoint), keys
+# prefixed by the module they belong to; optimizer state under "opt.<param>.<name>".
+MODULE_PREFIXES = ("unet.", "text.", "ema_unet.", "ema_text.")
+OPT_PREFIX = "opt."
+
+
+def state_tensors(modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    tensors = {}
+    for prefix, mod in modules.items():
+        tensors.update({prefix + k: v for k, v in mod.state_dict().items()})
+    ot, om = optimizer_tensors(opt)
+    tensors.update({OPT_PREFIX + k: v for k, v in ot.items()})
+    return tensors, om
+
+
+def load_state_tensors(tensors: dict, opt_meta: dict, modules: dict[str, torch.nn.Module],
+                       opt: torch.optim.Optimizer) -> None:
+    for prefix, mod in modules.items():
+        mod.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    load_optimizer(opt, {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}, opt_meta)
+
+
 # Defaults the MCPL trainer reads from the model folder (mcpl.models.HINTS_FILE): the toy
 # model only ever saw bare captions ("a red circle and ..."), so prompt templates like
 # "a photo of {}" would be out of its distribution; its 16x16 cross-attention layers
@@ -174,12 +199,23 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 MCPL_HINTS = {"templates": ["{}"], "attention_downscale": 1, "learning_rate": 3e-3}
 
 
-def write_hints(folder: Path) -> None:
+def write_hints(folder: Path, keep_from: tuple[Path, ...] = ()) -> None:
+    """mcpl_hints.json: copied from the first of `keep_from` that has one, else MCPL_HINTS."""
+    for old in (p / "mcpl_hints.json" for p in keep_from):
+        if old.is_file():
+            shutil.copyfile(old, folder / "mcpl_hints.json")
+            return
     (folder / "mcpl_hints.json").write_text(json.dumps(MCPL_HINTS, indent=1) + "\n")
 
 
-def export_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> None:
-    """Write a StableDiffusionPipeline folder (safetensors), replacing `out` atomically."""
+def export_pipeline(out: Path, vae, text_encoder, unet, tokenizer, info: dict | None = None,
+                    hints_from: tuple[Path, ...] = ()) -> None:
+    """Write a StableDiffusionPipeline folder (safetensors), replacing `out` atomically.
+
+    `info` goes to toyworld_pretrain.json inside the new folder before the swap. Hints are
+    kept: mcpl_hints.json comes from the folder being replaced, else from the first of
+    `hints_from` that has one (the model training started from), else MCPL_HINTS.
+    """
     from diffusers import StableDiffusionPipeline
 
     unet_x = M.build_unet()
@@ -200,7 +236,9 @@ def export_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
-    write_hints(tmp)
+    write_hints(tmp, (out, *hints_from))
+    if info is not None:
+        (tmp / "toyworld_pretrain.json").write_text(json.dumps(info, indent=1))
     old = out.with_name(out.name + ".old")
     if out.exists():
         if old.exists():
@@ -265,8 +303,13 @@ def encode_pool(vae, pool: Pool, batch: int = 256) -> tuple[torch.Tensor, torch.
 # ----------------------------------------------------------------------------- UNet
 
 
+def _layer_maps(store) -> dict:
+    """layer -> recorded probabilities, from a RawAttention store or a {"maps": {...}} dict."""
+    return store.get("maps", {}) if isinstance(store, dict) else store.maps
+
+
 def grounding_loss(
-    store: dict,
+    store,
     pos: torch.Tensor,
     valid: torch.Tensor,
     m16: torch.Tensor,
@@ -279,6 +322,7 @@ def grounding_loss(
     object's mask / total mass, plus `cover` * (1 - cosine(map, mask)). The first term
     alone is met by a map that is one hot pixel inside the object; the cosine term asks
     the map to spread over the whole object, as large models' word maps do.
+    store: a `model.RawAttention` (or {"maps": {layer: [probs]}}), probabilities (B*heads, HW, L);
     pos: (B,3,2) token positions; valid: (B,3) bool object slots to ground; m16/m8: (B,3,h,w).
     """
     b = pos.shape[0]
@@ -287,7 +331,7 @@ def grounding_loss(
     idx = pos.reshape(b, 1, MAX_OBJ * 2)
     w = valid[:, :, None].expand(-1, -1, 2).reshape(b, 6).float()
     losses = []
-    for maps in store.get("maps", {}).values():
+    for maps in _layer_maps(store).values():
         for probs in maps:
             hw = probs.shape[1]
             p = probs.reshape(b, -1, hw, probs.shape[-1]).mean(1)  # B,HW,L
@@ -318,6 +362,18 @@ def sample_indices(cfg: Config, pool: Pool, step: int, rng: np.random.Generator)
     return np.array([starts[k] + rng.integers(cfg.n_pool[k]) for k in kinds])
 
 
+def load_init(src: Path, tokenizer) -> tuple[M.UNet2DConditionModel, M.CLIPTextModel, M.AutoencoderKL]:
+    """UNet, text encoder and VAE of an exported model folder (its UNet/text are the EMA)."""
+    from transformers import CLIPTokenizer
+
+    if CLIPTokenizer.from_pretrained(str(src / "tokenizer")).get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"{src}: its tokenizer differs from build_tokenizer(); cannot continue its training")
+    unet = M.UNet2DConditionModel.from_pretrained(str(src / "unet"))
+    text = M.CLIPTextModel.from_pretrained(str(src / "text_encoder"))
+    vae = M.AutoencoderKL.from_pretrained(str(src / "vae"))
+    return unet, text, vae
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Config()
@@ -336,33 +392,34 @@ def main(argv: list[str] | None = None) -> None:
     ckpt, out = Path(cfg.ckpt), Path(cfg.out)
     ckpt.mkdir(parents=True, exist_ok=True)
     log_path = ckpt / "train_log.jsonl"
+    revision = git_revision()
 
     def log(rec: dict) -> None:
         rec = {"time": round(time.time(), 1), **rec}
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    state_path = ckpt / "state.json"
-    resumed = state_path.exists()
+    if (ckpt / "weights.safetensors").exists() and not list_checkpoints(ckpt):
+        raise SystemExit(f"{ckpt} holds a checkpoint in the old single-file layout; start a new --ckpt folder")
+    latest = load_latest(ckpt)
+    resumed = latest is not None
     if resumed:
-        saved = json.loads(state_path.read_text())
-        if saved["config"] != json.loads(json.dumps(asdict(cfg))):
-            diff = {
-                k: (saved["config"].get(k), v)
-                for k, v in json.loads(json.dumps(asdict(cfg))).items()
-                if saved["config"].get(k) != v
-            }
+        saved = latest[1]
+        if saved["config"] != config_json(cfg):
+            diff = {k: (saved["config"].get(k), v) for k, v in config_json(cfg).items() if saved["config"].get(k) != v}
             print(f"warning: resuming with a changed config: {diff}")
     tokenizer = build_tokenizer()
     t0 = time.time()
     pool = build_pool(cfg, tokenizer)
     log({"stage": "pool", "n": len(pool.images), "seconds": round(time.time() - t0, 1)})
 
+    torch.manual_seed(cfg.seed)
+    init = load_init(Path(cfg.init_from), tokenizer) if cfg.init_from else None
     vae_path = ckpt / "vae"
     if (vae_path / "config.json").exists():
         vae = M.AutoencoderKL.from_pretrained(str(vae_path))
     else:
-        vae = train_vae(cfg, pool, log)
+        vae = init[2] if init else train_vae(cfg, pool, log)
         vae.save_pretrained(str(vae_path.with_name("vae.tmp")), safe_serialization=True)
         if vae_path.exists():
             shutil.rmtree(vae_path)
@@ -374,54 +431,38 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     unet = M.build_unet()
     text = M.build_text_encoder(tokenizer)
+    if init:
+        unet.load_state_dict(init[0].state_dict())
+        text.load_state_dict(init[1].state_dict())
+        log({"stage": "init", "from": cfg.init_from})
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
-    store: dict = {}
-    M.install_recorders(unet, store)
+    store = M.RawAttention()
+    M.install_raw_capture(unet, store)
+    modules = {"unet.": unet, "text.": text, "ema_unet.": ema_unet, "ema_text.": ema_text}
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = M.build_train_scheduler()
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     start = 0
+    avg: dict[str, float] = {}
     if resumed:
-        w = load_file(str(ckpt / "weights.safetensors"))
-        for prefix, mod in (
-            ("unet.", unet),
-            ("text.", text),
-            ("ema_unet.", ema_unet),
-            ("ema_text.", ema_text),
-        ):
-            mod.load_state_dict({k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)})
-        load_optimizer(
-            opt,
-            load_file(str(ckpt / "optimizer.safetensors")),
-            json.loads((ckpt / "optimizer.json").read_text()),
-        )
-        start = saved["step"]
+        tensors, saved = latest
+        load_state_tensors(tensors, saved["optimizer"], modules, opt)
+        start, avg = saved["step"], dict(saved.get("avg", {}))
         print(f"resumed from step {start}")
     empty_ids = tokenizer(
         [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids[0]
 
     def checkpoint(step: int) -> None:
-        tensors = {}
-        for prefix, mod in (
-            ("unet.", unet),
-            ("text.", text),
-            ("ema_unet.", ema_unet),
-            ("ema_text.", ema_text),
-        ):
-            tensors.update({prefix + k: v for k, v in mod.state_dict().items()})
-        save_tensors_atomic(tensors, ckpt / "weights.safetensors")
-        ot, om = optimizer_tensors(opt)
-        save_tensors_atomic(ot, ckpt / "optimizer.safetensors")
-        save_json_atomic(om, ckpt / "optimizer.json")
-        save_json_atomic({"step": step, "config": json.loads(json.dumps(asdict(cfg)))}, state_path)
+        tensors, opt_meta = state_tensors(modules, opt)
+        meta = {"config": config_json(cfg), "optimizer": opt_meta, "avg": avg, "git_revision": revision}
+        save_checkpoint(ckpt, step, tensors, meta, keep=cfg.ckpt_keep)
 
     unet.train()
     text.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", mininterval=20)
-    avg: dict[str, float] = {}
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -444,10 +485,10 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr_at(cfg, step)
 
         store.clear()
-        store["on"] = use_ground
+        store.enabled = use_ground
         cond = text(ids)[0]
         pred = unet(zt, t, encoder_hidden_states=cond).sample
-        store["on"] = False
+        store.enabled = False
         weight = torch.clamp(snr[t], max=cfg.snr_gamma) / snr[t]
         mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss_noise = (mse * weight).mean()
@@ -471,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
             avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
         bar.set_postfix(loss=f"{avg['loss']:.4f}", ground=f"{avg['ground']:.3f}", refresh=False)
         done = step + 1
+        stopping = bool(stop_after) and done - start >= stop_after and done < cfg.steps
         if done % cfg.log_every == 0:
             log(
                 {
@@ -481,20 +523,18 @@ def main(argv: list[str] | None = None) -> None:
                     "lr": lr_at(cfg, step),
                 }
             )
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
             checkpoint(done)
         if done % cfg.export_every == 0 or done == cfg.steps:
-            export_pipeline(out, vae, ema_text, ema_unet, tokenizer)
-            save_json_atomic(
-                {"step": done, "seed": cfg.seed, "config": json.loads(json.dumps(asdict(cfg)))},
-                out / "toyworld_pretrain.json",
-            )
+            info = {"step": done, "seed": cfg.seed, "init_from": cfg.init_from or None,
+                    "git_revision": revision, "config": config_json(cfg)}
+            hints_from = (Path(cfg.init_from),) if cfg.init_from else ()
+            export_pipeline(out, vae, ema_text, ema_unet, tokenizer, info, hints_from)
             log({"stage": "export", "step": done})
-        if stop_after and done - start >= stop_after and done < cfg.steps:
+        if stopping:
             log({"stage": "stopped", "step": done})
             return
-    else:
-        log({"stage": "done", "step": cfg.steps})
+    log({"stage": "done", "step": cfg.steps})
 
 
 if __name__ == "__main__":

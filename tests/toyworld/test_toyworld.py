@@ -29,7 +29,7 @@ from mcpl.toyworld.render import (  # noqa: E402
 from mcpl.toyworld.tokenizer import build_tokenizer, caption_words, whole_words  # noqa: E402
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "toyworld"
 CHECKER_DIR = ROOT / "models" / "toyworld-checker"
 
