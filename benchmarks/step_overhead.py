@@ -35,9 +35,11 @@ from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from mcpl.config import TrainConfig  # noqa: E402
+from mcpl.method.inputs import JobInput
 from mcpl.method.learned import LearnedTokenEmbedding  # noqa: E402
-from mcpl.method.models import Components, build_tiny_model, build_tiny_tokenizer, load_components  # noqa: E402
-from mcpl.method.trainer import JobInput, MCPLTrainer  # noqa: E402
+from mcpl.method.models import Components, load_components  # noqa: E402
+from mcpl.method.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from mcpl.method.trainer import MCPLTrainer  # noqa: E402
 
 SENTENCE = "a photo of a red <c1|object|red> and a blue <c2|thing|blue>"
 OUT = Path(__file__).parent / "results" / "step_overhead.json"

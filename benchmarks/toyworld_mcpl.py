@@ -42,8 +42,10 @@ from PIL import Image  # noqa: E402
 from mcpl.concepts.metrics import attention_iou, attention_share  # noqa: E402
 from mcpl.config import TrainConfig  # noqa: E402
 from mcpl.job.run import image_attention_maps  # noqa: E402
-from mcpl.method.models import TOY_MODEL, load_components  # noqa: E402
-from mcpl.method.trainer import JobInput, MCPLTrainer  # noqa: E402
+from mcpl.method.inputs import JobInput
+from mcpl.method.model_files import TOY_MODEL  # noqa: E402
+from mcpl.method.models import load_components  # noqa: E402
+from mcpl.method.trainer import MCPLTrainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {

@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from toyworld_mcpl import RESULTS, heldout_scenes, learn, oracle, phrases, score_concepts, sentence  # noqa: E402
 
 from mcpl.config import TrainConfig  # noqa: E402
-from mcpl.method.models import TOY_MODEL  # noqa: E402
+from mcpl.method.model_files import TOY_MODEL  # noqa: E402
 
 VALIDATION_SEED = 5000
 FULL = {"attn_mask": True, "prompt_cl": True, "bind_adj": True}

@@ -1,15 +1,17 @@
 """Flow `mcpl` (deployment `mcpl/batch`): one Prefect task per job of a dataset's manifest.
 
+Only wiring: what a batch and a job do is mcpl.pipeline's (`BatchRun` and its observers:
+progress lines, MLflow runs, the registry). Here are the fan-out, device pinning, process
+isolation and retries.
+
 - Local fan-out (`executor="local"`): at most one job per device at a time; with K GPUs
   visible each job is pinned to its own `cuda:i`, on CPU `cpu_concurrency` jobs run side
-  by side. A sliding window submits a job only when a device is free.
+  by side, each in a process of its own (flows/job_process.py). A sliding window submits
+  a job only when a device is free.
 - Distributed (`executor="workers"`): each job is a child flow run of the per-job
   deployment `mcpl-job/job` in a Prefect work pool; the workers (one per GPU) run them.
-- A task retry re-enters `run_job`, which resumes from the job's newest checkpoint.
-- Finished jobs are skipped: a job's id hashes its images, sentences, config and model, and
-  its bundle's job.json marks it done (`mcpl.batch.is_done`).
-- MLflow: a parent run per batch, a nested run per job (mcpl.pipeline.tracking.tracker, spooled when MLflow
-  is down); afterwards the concepts go into the registry (mcpl.pipeline.registry.publish).
+- A task retry re-enters `run_one`, which resumes from the job's newest checkpoint;
+  finished jobs are skipped (job id = images + sentences + config + model).
 """
 
 # No `from __future__ import annotations` here: Prefect builds its parameter model from the
@@ -18,8 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,15 +32,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 if not __package__:  # loaded by file path (Prefect entrypoint, `python flows/batch.py`): make `flows` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.faults import FaultInjector  # noqa: E402
-from mcpl.config import TrainConfig  # noqa: E402
+from flows.faults import FaultObserver  # noqa: E402
+from mcpl.config import FULL_MCPL, ConfigSource, RunOptions, TrainConfig  # noqa: E402
 
 JOB_DEPLOYMENT = "mcpl-job/job"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_THREADS = 32  # the task runner's ceiling; the sliding window below is the real limit
 
 
-# ---------------------------------------------------------------------------- helpers
 def visible_devices(devices: list[str] | None, cpu_concurrency: int) -> list[str]:
     """The device slots: given ones, else every visible GPU once, else `cpu_concurrency` x cpu."""
     if devices:
@@ -51,91 +50,99 @@ def visible_devices(devices: list[str] | None, cpu_concurrency: int) -> list[str
     return [f"cuda:{i}" for i in range(gpus)] if gpus else ["cpu"] * max(1, cpu_concurrency)
 
 
-def _tracker(tracking: dict):
-    from mcpl.pipeline.tracking.tracker import Tracker
-
-    tracker = Tracker(tracking.get("uri"), tracking["spool_dir"], tracking.get("experiment", "mcpl"))
-    if tracking.get("parent_key") and tracking.get("parent_run_id") and not tracker.run_id(tracking["parent_key"]):
-        tracker.spool.set_run_id(tracking["parent_key"], tracking["parent_run_id"])
-    return tracker
+def _run_options(device: str, samples: int, sample_steps: int, threads: int) -> RunOptions:
+    return RunOptions(device=device, threads=threads, samples=samples, sample_steps=sample_steps, progress=False)
 
 
 # ------------------------------------------------------------------------------ tasks
 @task(name="train-job", cache_policy=NONE, retry_delay_seconds=2, task_run_name="job-{spec[job_id]:.8} on {device}")
 def train_job(spec: dict, out: str, device: str, tracking: dict, isolate: bool = False, samples: int = 2,
-              sample_steps: int = 25, threads: int = 1, tracker: Any = None) -> dict:
+              sample_steps: int = 25, threads: int = 1, batch: Any = None) -> dict:
     """Train one job on `device` (in a process of its own if `isolate`); raises on failure so
     Prefect retries it, and a retry resumes from the job's newest checkpoint."""
+    from mcpl.job.bundle import JobOutcome
     from mcpl.pipeline.data import JobSpec
-    from mcpl.pipeline.runner import job_dir
-    from mcpl.pipeline.tracking.tracker import run_tracked_job
+    from mcpl.pipeline.progress import LogObserver
+    from mcpl.pipeline.runner import run_one
+    from mcpl.pipeline.tracking.observer import MlflowObserver, TrackingSettings
 
     logger = get_run_logger()
-    folder = job_dir(out, spec["job_id"])
-    if threads and not isolate:
-        import torch
-
-        torch.set_num_threads(threads)
+    options = _run_options(device, samples, sample_steps, threads)
+    job = JobSpec.from_dict(spec)
     if isolate:
-        outcome = _run_in_process(spec, out, device, tracking, samples, sample_steps, threads, folder)
+        outcome = JobOutcome.from_dict(_run_in_process(spec, out, options, tracking, logger.info))
     else:
-        job = JobSpec.from_dict(spec)
-        outcome = run_tracked_job(job, out, tracker or _tracker(tracking), tracking.get("parent_key"), device=device,
-                                  samples=samples, sample_steps=sample_steps,
-                                  callbacks=[FaultInjector(folder, job.job_id)], extra_tags=tracking.get("tags"))
-    logger.info("job %s %s on %s (resumed from step %s)", spec["job_id"], outcome["status"], device,
-                outcome.get("resumed_from", 0))
-    return outcome
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        observers = [LogObserver(logger.info), FaultObserver()]
+        if batch is not None:  # the batch in this process: its observers and summary
+            outcome = batch.run_one(job)
+        else:
+            outcome = run_one(job, out, options, [*observers, MlflowObserver.joining(TrackingSettings.from_dict(
+                tracking))])
+    if batch is not None and isolate:
+        batch.record(outcome)
+    if not outcome.ok:
+        raise RuntimeError(outcome.error)
+    return outcome.to_dict()
 
 
-def _run_in_process(spec: dict, out: str, device: str, tracking: dict, samples: int, sample_steps: int,
-                    threads: int, folder: Path) -> dict:
-    """`python -m flows.job_process`, pinned to its GPU through CUDA_VISIBLE_DEVICES."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _run_in_process(spec: dict, out: str, options: RunOptions, tracking: dict, say) -> dict:
+    """`python -m flows.job_process`, pinned to its GPU through CUDA_VISIBLE_DEVICES; its lines go to `say`."""
+    from mcpl.job.bundle import Bundle
+
+    bundle = Bundle.of(out, spec["job_id"])
+    bundle.path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    device = options.device or "cpu"
     if device.startswith("cuda"):
-        index = device.partition(":")[2] or "0"
-        env["CUDA_VISIBLE_DEVICES"], device = index, "cuda:0"
-    args = folder / ".job-args.json"
-    args.write_text(json.dumps({"spec": spec, "out": out, "device": device, "tracking": tracking, "samples": samples,
-                                "sample_steps": sample_steps, "threads": threads}))
-    (folder / "outcome.json").unlink(missing_ok=True)
-    with open(folder / "job.log", "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "flows.job_process", str(args)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
-    outcome_file = folder / "outcome.json"
-    outcome = json.loads(outcome_file.read_text()) if outcome_file.exists() else {}
-    if proc.returncode != 0 or outcome.get("status") == "failed":
-        tail = "".join((folder / "job.log").read_text().splitlines(keepends=True)[-15:])
-        get_run_logger().warning("job process for %s exited with %s; log tail:\n%s", spec["job_id"],
-                                 proc.returncode, tail)
-        raise RuntimeError(outcome.get("error") or f"job process exited with code {proc.returncode} "
-                           f"(killed?); see {folder / 'job.log'}")
-    return outcome
+        env["CUDA_VISIBLE_DEVICES"], device = device.partition(":")[2] or "0", "cuda:0"
+    args = bundle.path / ".job-args.json"
+    args.write_text(json.dumps({"spec": spec, "out": out, "tracking": tracking,
+                                "options": options.model_copy(update={"device": device}).model_dump()}))
+    bundle.outcome_file.unlink(missing_ok=True)
+    with open(bundle.job_log, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.job_process", str(args)], env=env, cwd=str(REPO_ROOT),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:  # progress lines reach the flow's log (UI, --watch) as they come
+            log.write(line)
+            if line.startswith("[") or " FAILED" in line or "step " in line:
+                say(line.rstrip())
+        proc.wait()
+    outcome = bundle.outcome()
+    if outcome is None or proc.returncode not in (0, 1):
+        tail = "".join(bundle.job_log.read_text().splitlines(keepends=True)[-15:])
+        get_run_logger().warning("job process for %s exited with %s; log tail:\n%s", spec["job_id"], proc.returncode,
+                                 tail)
+        raise RuntimeError(f"job process exited with code {proc.returncode} (killed?); see {bundle.job_log}")
+    return outcome.to_dict()
 
 
 @task(name="job-deployment", cache_policy=NONE, task_run_name="job-{spec[job_id]:.8} via {deployment}")
 def job_via_deployment(spec: dict, out: str, tracking: dict, deployment: str, retries: int, samples: int,
-                       sample_steps: int, threads: int = 1) -> dict:
+                       sample_steps: int, threads: int = 1, batch: Any = None) -> dict:
     """Run one job as a child flow run of the per-job deployment (a worker picks it up)."""
     from prefect.deployments import run_deployment
 
-    from mcpl.pipeline.runner import job_dir
+    from mcpl.job.bundle import Bundle
 
     params = {"spec": spec, "out": out, "tracking": tracking, "retries": retries, "samples": samples,
               "sample_steps": sample_steps, "threads": threads}
     run = run_deployment(deployment, parameters=params, timeout=None, poll_interval=2,
                          flow_run_name=f"job-{spec['job_id'][:8]}")
-    path = job_dir(out, spec["job_id"]) / "outcome.json"
-    outcome = json.loads(path.read_text()) if path.exists() else None
+    outcome = Bundle.of(out, spec["job_id"]).outcome()
+    if outcome is not None and batch is not None:
+        batch.record(outcome)
     if not run.state or not run.state.is_completed():
-        message = (outcome or {}).get("error") or (run.state.message if run.state else "no state")
+        message = (outcome.error if outcome else None) or (run.state.message if run.state else "no state")
         raise RuntimeError(f"child flow run {run.name} ended {run.state.type.value if run.state else '?'}: {message}")
     if outcome is None:
-        raise RuntimeError(f"child flow run {run.name} completed but {path} is not visible here: `out` must be on "
-                           "storage shared by the batch and the workers")
-    return outcome
+        raise RuntimeError(f"child flow run {run.name} completed but its outcome is not visible here: `out` must "
+                           "be on storage shared by the batch and the workers")
+    return outcome.to_dict()
 
 
 # ------------------------------------------------------------------------------ flows
@@ -179,9 +186,9 @@ def batch(
 
     dataset: dataset folder (validated here; the manifest goes to OUT/manifest.parquet),
     or manifest: an existing manifest.parquet (then `dataset` is ignored).
-    model: diffusers SD folder or hub id (default: the embedded toy-world model).
-    strategy/steps/full/overrides/config: the base TrainConfig (`config`, then the rest on
-    top; `full` = AttnMask + PromptCL + Bind adj); a row's own overrides win; groups train
+    model: diffusers model folder or hub id (default: the embedded toy-world model).
+    config/strategy/steps/full/overrides: the batch's training settings, over the defaults
+    (`full` = AttnMask + PromptCL + Bind adj); a row's own overrides win; groups train
     MCPL-diverse. devices: e.g. ["cuda:0", "cuda:1"] (default: every visible GPU, else
     `cpu_concurrency` CPU slots). threads: torch threads per process. retries: per job;
     a retry resumes from the job's checkpoint. executor "workers": each job is a child run
@@ -189,208 +196,81 @@ def batch(
     else sqlite ./mlflow.db).
     """
     import torch
+    from prefect.runtime import flow_run
 
-    from mcpl.method.models import default_model
-    from mcpl.pipeline.data import load_jobs, rejected_rows, validate_dataset
+    from mcpl.method.model_files import default_model
+    from mcpl.pipeline.data import plan_jobs, validate_dataset
+    from mcpl.pipeline.progress import LogObserver
+    from mcpl.pipeline.registry.publish import RegistryObserver
+    from mcpl.pipeline.runner import BatchRun
+    from mcpl.pipeline.tracking.observer import MlflowObserver
 
     logger = get_run_logger()
-    started = time.time()
     torch.set_num_threads(max(1, threads))
     out_root = Path(out).resolve()
-    out_root.mkdir(parents=True, exist_ok=True)
     model = model or default_model()
-    base = _base_config(config, strategy, steps, full, overrides)
+    fields = {"strategy": strategy, "steps": steps, **(FULL_MCPL if full else {}), **(overrides or {})}
+    source = ConfigSource(file=config.model_dump() if config else {},
+                          fields={k: v for k, v in fields.items() if v is not None})
     if manifest is None:
+        out_root.mkdir(parents=True, exist_ok=True)
         report = validate_dataset(dataset, out_root / "manifest.parquet", model)
         logger.info(report.render())
         manifest = str(report.manifest)
-    jobs = load_jobs(manifest, base, model)
-    rejected = rejected_rows(manifest)
+    plan = plan_jobs(manifest, source, model)
 
-    tracker, batch_key, tracking = _open_batch_run(out_root, tracking_uri, experiment, jobs, model, base, {
-        "manifest": manifest, "model": model, "executor": executor, "jobs": len(jobs),
-        "rejected_rows": len(rejected), "devices": ",".join(devices or [])})
+    mlflow = MlflowObserver.for_batch(out_root, tracking_uri, experiment, f"batch-{(flow_run.id or 'local')[:8]}")
+    observers = [LogObserver(logger.info), FaultObserver(), *([RegistryObserver(mlflow)] if publish else []), mlflow]
+    params = {"executor": executor, "devices": ",".join(devices or []),
+              "mcpl.prefect_flow_run_id": str(flow_run.id or "")}
+    run = BatchRun(plan.jobs, out_root, _run_options("", samples, sample_steps, threads), observers,
+                   rejected=plan.rejected, merged=plan.merged, model=model, base_config=source.base(),
+                   manifest=manifest, params=params).start()
+    tracking = mlflow.settings().to_dict()
     if executor == "workers":
         slots = [job_deployment] * (max_parallel or 8)
 
         def submit(spec: dict, slot: str):
             return job_via_deployment.submit(spec, str(out_root), tracking, slot, retries, samples, sample_steps,
-                                             threads)
+                                             threads, run)
     else:
         slots = visible_devices(devices, cpu_concurrency)[: max_parallel or None]
-        # Side by side, each job gets a process of its own (pinning, isolation); alone, it
-        # runs in this process and shares the tracker.
+        # Side by side, each job gets a process of its own (pinning, isolation, no racing model loads);
+        # alone, it runs in this process with the batch's observers.
         isolate = len(slots) > 1 or any(s.startswith("cuda") for s in slots)
         job_task = train_job.with_options(retries=retries)
 
         def submit(spec: dict, slot: str):
-            return job_task.submit(spec, str(out_root), slot, tracking, isolate, samples, sample_steps, threads,
-                                   None if isolate else tracker)
+            return job_task.submit(spec, str(out_root), slot, tracking, isolate, samples, sample_steps, threads, run)
 
-    logger.info("%d job(s) from %s on %s; %d row(s) rejected at validation; slots: %s", len(jobs), manifest,
-                model, len(rejected), ", ".join(slots))
-    outcomes = _fan_out([j.to_dict() for j in jobs], slots, submit, out_root)
-
-    status = tracker.finish()
-    registry: dict = {"message": "registry not published (publish=False)"}
-    done = [o for o in outcomes if o["status"] in ("done", "skipped")]
-    if publish and done:
-        registry = _publish(out_root, done, tracker, batch_key, experiment, status.pending)
-    summary = _summary(out_root, outcomes, rejected, status.to_dict(), registry, started, batch_key,
-                       tracker.run_id(batch_key))
-    _log_summary(tracker, batch_key, summary, out_root, manifest)
-    summary["tracking"] = tracker.finish().to_dict()
-    _write_json(out_root / "summary.json", summary)
+    logger.info("%d job(s) from %s on %s; %d row(s) rejected at validation; slots: %s", len(plan.jobs), manifest,
+                model, len(plan.rejected), ", ".join(slots))
+    _fan_out([j.to_dict() for j in plan.jobs], slots, submit)
+    summary = run.finish()
     _prefect_artifact(summary)
-    text = _render(summary)
+    text = summary.render()
     logger.info(text)
-    failed = [o for o in outcomes if o["status"] == "failed"]
-    if failed:
-        return Failed(message=text, data=summary)
-    return Completed(message=text, data=summary)
+    return (Failed if summary.failed else Completed)(message=text, data=summary.to_dict())
 
 
-# ---------------------------------------------------------------------- flow pieces
-def _base_config(config: TrainConfig | None, strategy: str | None, steps: int | None, full: bool,
-                 overrides: dict[str, Any] | None) -> TrainConfig:
-    fields = (config or TrainConfig()).model_dump()
-    if strategy:
-        fields["strategy"] = strategy
-    if steps:
-        fields["steps"] = steps
-    if full:
-        fields.update(attn_mask=True, prompt_cl=True, bind_adj=True)
-    fields.update(overrides or {})
-    return TrainConfig(**fields)
-
-
-def _open_batch_run(out_root: Path, tracking_uri: str | None, experiment: str, jobs: list, model: str,
-                    base: TrainConfig, params: dict) -> tuple[Any, str, dict]:
-    """The batch's tracker and parent run (lineage tags, base config); what each job needs to join it."""
-    from prefect.runtime import flow_run
-
-    from mcpl.method.models import model_hash
-    from mcpl.pipeline.tracking.tracker import Tracker, dataset_hash, git_revision, resolve_tracking_uri
-
-    batch_key = f"batch-{(flow_run.id or uuid.uuid4().hex)[:8]}"
-    uri = resolve_tracking_uri(tracking_uri)
-    tracker = Tracker(uri, out_root / "mlflow-spool", experiment)
-    if tracker.spool.keys():
-        get_run_logger().info("replaying %d MLflow call(s) spooled by an earlier batch", tracker.spool.count())
-        tracker.replay()
-    dataset_name = Path(jobs[0].dataset).name if jobs else ""
-    lineage = {"mcpl.kind": "batch", "mcpl.git_rev": git_revision(), "mcpl.dataset": dataset_name,
-               "mcpl.dataset_hash": dataset_hash(jobs), "mcpl.base_model": model,
-               "mcpl.base_model_hash": model_hash(model), "mcpl.strategy": base.strategy,
-               "mcpl.prefect_flow_run_id": str(flow_run.id or ""), "mcpl.out": str(out_root)}
-    tracker.start_run(batch_key, f"batch {dataset_name} {time.strftime('%Y-%m-%d %H:%M:%S')}", lineage)
-    tracker.log_params(batch_key, {**params, **{f"config.{k}": v for k, v in base.model_dump().items()}})
-    tracking = {"uri": uri, "experiment": experiment, "spool_dir": str(tracker.spool.root), "parent_key": batch_key,
-                "parent_run_id": tracker.run_id(batch_key),
-                "tags": {k: lineage[k] for k in ("mcpl.git_rev", "mcpl.base_model_hash", "mcpl.dataset_hash")}}
-    return tracker, batch_key, tracking
-
-
-def _fan_out(specs: list[dict], slots: list[str], submit, out_root: Path) -> list[dict]:
-    """Submit a job whenever a slot is free; collect every outcome, failures included."""
-    free, running, results = list(slots), {}, {}
+def _fan_out(specs: list[dict], slots: list[str], submit) -> None:
+    """Submit a job whenever a slot is free; wait for all (each task records its outcome)."""
+    free, running = list(slots), {}
     queue = list(specs)
     while queue or running:
         while queue and free:
             spec, slot = queue.pop(0), free.pop(0)
-            running[submit(spec, slot)] = (spec, slot)
+            running[submit(spec, slot)] = slot
         future = next(as_completed(list(running)))
-        spec, slot = running.pop(future)
-        free.append(slot)
-        results[spec["job_id"]] = _outcome(future, spec, out_root)
-    return [results[s["job_id"]] for s in specs]
+        free.append(running.pop(future))
+        future.wait()
 
 
-def _outcome(future, spec: dict, out_root: Path) -> dict:
-    """The task's outcome dict, or a failed outcome carrying the error."""
-    from mcpl.pipeline.runner import job_dir
-
-    future.wait()
-    result = future.result(raise_on_failure=False)
-    if isinstance(result, dict) and result.get("status") in ("done", "skipped"):
-        return result
-    path = job_dir(out_root, spec["job_id"]) / "outcome.json"
-    outcome = json.loads(path.read_text()) if path.exists() else {}
-    error = f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else str(result)
-    return {"job_id": spec["job_id"], "rows": spec["rows"], "images": spec["images"], "group": spec["group"],
-            "out_dir": str(job_dir(out_root, spec["job_id"]).relative_to(out_root)), "concepts": [], "metrics": {},
-            **outcome, "status": "failed", "error": outcome.get("error") or error}
-
-
-def _publish(out_root: Path, done: list[dict], tracker, batch_key: str, experiment: str, pending: int) -> dict:
-    from mcpl.pipeline.registry.publish import concept_cards, publish
-    from mcpl.pipeline.tracking.tracker import job_key
-
-    logger = get_run_logger()
-    if pending:
-        return {"message": f"registry not published: MLflow unreachable ({pending} call(s) spooled); "
-                           f"run `mcpl registry build {out_root}` when it is back", "pending": True}
-    run_ids = {o["job_id"]: tracker.run_id(job_key(batch_key, o["job_id"])) for o in done}
-    cards = [c for o in done for c in concept_cards(out_root / o["out_dir"])]
-    try:
-        report = publish(cards, tracker.uri, experiment, {k: v for k, v in run_ids.items() if v})
-    except Exception as err:  # noqa: BLE001 - the bundles are safe; say how to publish later
-        logger.warning("registry publish failed: %s", err)
-        return {"message": f"registry not published ({type(err).__name__}: {str(err)[:300]}); run "
-                           f"`mcpl registry build {out_root}` to publish", "pending": True}
-    return report.to_dict()
-
-
-def _summary(out_root: Path, outcomes: list[dict], rejected: list[dict], tracking: dict, registry: dict,
-             started: float, batch_key: str, batch_run_id: str | None) -> dict:
-    counts = {s: sum(1 for o in outcomes if o["status"] == s) for s in ("done", "skipped", "failed")}
-    return {"out_root": str(out_root), "batch_key": batch_key, "mlflow_run_id": batch_run_id, "started": started,
-            "finished": time.time(), "counts": {**counts, "jobs": len(outcomes), "rejected_rows": len(rejected)},
-            "jobs": outcomes, "rejected": rejected, "tracking": tracking, "registry": registry}
-
-
-def _render(summary: dict) -> str:
-    c = summary["counts"]
-    lines = [f"{c['jobs']} job(s): {c['done']} trained, {c['skipped']} already done, {c['failed']} failed; "
-             f"{c['rejected_rows']} row(s) rejected at validation"]
-    for o in summary["jobs"]:
-        extra = f": {o.get('error')}" if o["status"] == "failed" else f" ({', '.join(o.get('concepts', []))})"
-        lines.append(f"  {o['status']:<8} {o['job_id']} {','.join(o['images'])}{extra}")
-    lines.append(summary["tracking"]["message"])
-    lines.append(summary["registry"].get("message", ""))
-    return "\n".join(lines)
-
-
-def _log_summary(tracker, batch_key: str, summary: dict, out_root: Path, manifest: str) -> None:
-    c = summary["counts"]
-    tracker.log_metrics(batch_key, {"jobs_done": c["done"], "jobs_skipped": c["skipped"], "jobs_failed": c["failed"],
-                                    "rows_rejected": c["rejected_rows"],
-                                    "wall_seconds": summary["finished"] - summary["started"]})
-    tracker.set_tags(batch_key, {"mcpl.outcome": "failed" if c["failed"] else "ok"})
-    path = _write_json(out_root / "summary.json", summary)
-    tracker.log_artifacts(batch_key, path)
-    if Path(manifest).exists():
-        tracker.log_artifacts(batch_key, manifest)
-    tracker.end_run(batch_key, "FAILED" if c["failed"] else "FINISHED")
-
-
-def _write_json(path: Path, data: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
-    return path
-
-
-def _prefect_artifact(summary: dict) -> None:
+def _prefect_artifact(summary) -> None:
     from prefect.artifacts import create_markdown_artifact
 
-    rows = ["| job | status | images | concepts / error |", "|---|---|---|---|"]
-    for o in summary["jobs"]:
-        detail = o.get("error") if o["status"] == "failed" else ", ".join(o.get("concepts", []))
-        rows.append(f"| {o['job_id']} | {o['status']} | {', '.join(o['images'])} | {str(detail).replace('|', '/')} |")
-    body = "\n".join(rows + ["", summary["tracking"]["message"], "", summary["registry"].get("message", "")])
     try:
-        create_markdown_artifact(body, key="mcpl-batch-summary", description="mcpl batch outcome")
+        create_markdown_artifact(summary.markdown(), key="mcpl-batch-summary", description="mcpl batch outcome")
     except Exception as err:  # noqa: BLE001 - a UI nicety must not fail the batch
         get_run_logger().warning("could not create the Prefect artifact: %s", err)
 

@@ -13,6 +13,8 @@ import os
 import signal
 from pathlib import Path
 
+from mcpl.pipeline.runner import JobContext, Observer
+
 
 class FaultInjector:
     """A TrainCallback that fails a job once, at a chosen step, marking that it did."""
@@ -34,3 +36,14 @@ class FaultInjector:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         pass
+
+
+class FaultObserver(Observer):
+    """Hands every job a FaultInjector (a no-op unless MCPL_FAULT_AT_STEP is set)."""
+
+    def __init__(self, allow_kill: bool = False) -> None:
+        self.allow_kill = allow_kill
+
+    def job_started(self, job: JobContext) -> list:
+        injector = FaultInjector(job.bundle.path, job.spec.job_id, self.allow_kill)
+        return [injector] if injector.active else []

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mcpl.errors import ConfigError
 
 Strategy = Literal["one", "all", "diverse"]
 MaskSource = Literal["current", "running"]
@@ -88,15 +93,113 @@ class TrainConfig(BaseModel):
         return cls(**{"attn_mask": True, "prompt_cl": True, "bind_adj": True, **overrides})
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
+FULL_MCPL = {"attn_mask": True, "prompt_cl": True, "bind_adj": True}
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
     """Parse `key=value` strings (values as JSON where they parse, else strings)."""
     out: dict[str, object] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"expected key=value, got {pair!r}")
+            raise ConfigError(f"expected key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
         try:
             out[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+def load_config_file(spec: str | Path) -> dict[str, object]:
+    """`FILE` or `FILE:SECTION` (dotted, e.g. `params.yaml:train`) -> a mapping of TrainConfig fields."""
+    import yaml
+
+    spec = str(spec)
+    path, _, section = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    for key in filter(None, section.split(".")):
+        if not isinstance(data, dict) or key not in data:
+            raise ConfigError(f"{path} has no section {section!r}")
+        data = data[key]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{spec} is not a mapping of TrainConfig fields")
+    return data
+
+
+def config_errors(err: ValidationError) -> list[str]:
+    """One readable line per invalid field of a pydantic error."""
+    return [f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()]
+
+
+def make_config(fields: Mapping[str, object]) -> TrainConfig:
+    """TrainConfig(**fields), with invalid fields reported as one ConfigError."""
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as err:
+        raise ConfigError("invalid training settings: " + "; ".join(config_errors(err))
+                          + " (see `mcpl train --help` / mcpl/config.py)") from None
+    except TypeError as err:
+        raise ConfigError(f"invalid training settings: {err}") from None
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where a run's TrainConfig comes from; `for_job` is the one place a job's config is made.
+
+    Layers, later wins: the defaults -> `file` (params.yaml section or --config) -> `fields`
+    (command flags or flow parameters) -> the row's own `overrides` -> `sets` (`--set`, the
+    command line's last word). Then the strategy follows the job's shape: a group trains
+    MCPL-diverse, a single image never does. Fields left None (learning_rate, resolution,
+    attention_downscale) are resolved from the model when the job starts (its hints file,
+    else its size) and recorded in job.json.
+    """
+
+    file: Mapping[str, object] = field(default_factory=dict)
+    fields: Mapping[str, object] = field(default_factory=dict)
+    sets: Mapping[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, config_file: str | None = None, fields: Mapping[str, object] | None = None,
+                     sets: Sequence[str] = (), full: bool = False) -> ConfigSource:
+        """From CLI-shaped options: `--config FILE[:SECTION]`, flags, `--set k=v` and `--full`."""
+        flags = {**(FULL_MCPL if full else {}), **{k: v for k, v in (fields or {}).items() if v is not None}}
+        return cls(load_config_file(config_file) if config_file else {}, flags, parse_overrides(sets))
+
+    def base(self) -> TrainConfig:
+        """The batch-wide config (no row overrides): for lineage and the batch run's params."""
+        return make_config({**self.file, **self.fields, **self.sets})
+
+    def for_job(self, overrides: Mapping[str, object] | None = None, group: str | None = None,
+                images: int = 1) -> TrainConfig:
+        """The config of one job: every layer, then the strategy that fits the job's shape."""
+        merged = {**TrainConfig().model_dump(), **self.file, **self.fields, **(overrides or {}), **self.sets}
+        if group is not None or images > 1:
+            merged["strategy"] = "diverse"
+        elif merged.get("strategy") == "diverse":
+            merged["strategy"] = "one"
+        return make_config(merged)
+
+    def to_dict(self) -> dict[str, dict]:
+        return {"file": dict(self.file), "fields": dict(self.fields), "sets": dict(self.sets)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping]) -> ConfigSource:
+        return cls(dict(data.get("file", {})), dict(data.get("fields", {})), dict(data.get("sets", {})))
+
+
+class RunOptions(BaseModel):
+    """How jobs run (not what they learn): never part of a job's id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (None: cuda if available).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (None: torch's choice).")
+    samples: int = Field(2, ge=0, le=64, description="Generations per concept after training (0: none).")
+    sample_steps: int = Field(25, ge=1, le=1000, description="DDIM steps of those generations.")
+    progress: bool = Field(True, description="Progress bars (for a person watching one job).")
+    log: bool = Field(True, description="One line per job event on stderr.")
+    skip_done: bool = Field(True, description="Skip jobs whose bundle is already finished.")
+    keep_checkpoints: bool = Field(True, description="Keep a finished job's checkpoints/ (resumable state).")

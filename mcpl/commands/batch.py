@@ -1,22 +1,24 @@
-"""`mcpl batch`: train every job of a validated manifest, in this process; skip done jobs."""
+"""`mcpl batch`: train every job of a validated manifest in this process; skip done jobs."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from mcpl.commands.common import add_model_option, resolve_model
+from mcpl.commands.common import add_model_option, configure_threads, quiet_libraries, resolve_model
+from mcpl.errors import EXIT_PARTIAL
 
 EXAMPLES = """examples:
   mcpl data validate data/example --manifest outputs/manifest.parquet
   mcpl batch --manifest outputs/manifest.parquet --out outputs/batch
   mcpl batch --manifest ... --out ... --config params.yaml:train --set steps=50 --samples 0
 
-Each job's bundle goes to OUT/jobs/<job_id>/ (see mcpl/job.py); OUT/summary.json lists
-every job's outcome and every row rejected at validation. A rerun skips finished jobs and
-resumes interrupted ones. Exit code 1 if any job failed (the others still ran)."""
+Settings, later wins: defaults -> --config -> the row's own overrides -> --set.
+Each job's bundle goes to OUT/jobs/<job_id>/ (mcpl/job/bundle.py); OUT/summary.json lists
+every job's outcome and every input row's fate (trained, done before, duplicate, rejected,
+failed). A rerun skips finished jobs and resumes interrupted ones.
+exit codes: 0 every job done, 1 some job failed (the others still ran), 2 bad input."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,69 +31,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="YAML/JSON mapping of TrainConfig fields, optionally one section of it "
                         "(e.g. params.yaml:train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any TrainConfig field, over --config (repeatable)")
+                   help="any TrainConfig field; wins over --config and the rows' overrides (repeatable)")
     p.add_argument("--samples", type=int, default=2, help="generations per concept after training (0: none)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of those generations")
     p.add_argument("--no-skip", action="store_true", help="re-run jobs even if their bundle is done")
     p.add_argument("--drop-checkpoints", action="store_true",
                    help="delete each finished job's checkpoints/ (resumable state) to save space")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bars or library notices (one line per job stays)")
+    p.add_argument("--progress", action="store_true", help="progress bars per job (default: progress lines)")
+    p.add_argument("--quiet", action="store_true", help="no library notices (job lines stay)")
     add_model_option(p)
     p.set_defaults(handler=run)
 
 
-def load_config_file(spec: str) -> dict:
-    """`FILE` or `FILE:SECTION` (dotted) -> mapping of TrainConfig fields."""
-    import yaml
-
-    path, _, section = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for key in filter(None, section.split(".")):
-        if not isinstance(data, dict) or key not in data:
-            raise ValueError(f"{path} has no section {section!r}")
-        data = data[key]
-    if not isinstance(data, dict):
-        raise ValueError(f"{spec} is not a mapping of TrainConfig fields")
-    return data
-
-
-def _quiet_libraries() -> None:
-    """No weight-loading bars or import notices from transformers/diffusers (pipeline logs)."""
-    import transformers
-    from diffusers.utils import logging as diffusers_logging
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.quiet:
-        _quiet_libraries()
-    from mcpl.config import TrainConfig, parse_overrides
-    from mcpl.pipeline.data import DatasetError, load_jobs, rejected_rows
+    from mcpl.config import ConfigSource, RunOptions
+    from mcpl.pipeline.data import plan_jobs
+    from mcpl.pipeline.progress import LogObserver
     from mcpl.pipeline.runner import run_batch
 
-    try:
-        fields = load_config_file(args.config) if args.config else {}
-        fields.update(parse_overrides(args.set))
-        config = TrainConfig(**fields)
-        model = resolve_model(args)
-        jobs = load_jobs(args.manifest, config, model)
-        rejected = rejected_rows(args.manifest)
-    except (DatasetError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{len(jobs)} job(s) from {args.manifest} on {model}; {len(rejected)} row(s) were rejected at "
+    if args.quiet:
+        quiet_libraries()
+    configure_threads(args.threads)
+    source = ConfigSource.from_options(args.config, sets=args.set)
+    model = resolve_model(args.model)
+    plan = plan_jobs(args.manifest, source, model)
+    options = RunOptions(device=args.device, threads=args.threads, samples=args.samples,
+                         sample_steps=args.sample_steps, progress=args.progress, skip_done=not args.no_skip,
+                         keep_checkpoints=not args.drop_checkpoints)
+    print(f"{len(plan.jobs)} job(s) from {args.manifest} on {model}; {len(plan.rejected)} row(s) were rejected at "
           "validation", file=sys.stderr)
-    summary = run_batch(jobs, args.out, skip_done=not args.no_skip, progress=not args.quiet, rejected=rejected,
-                        samples=args.samples, sample_steps=args.sample_steps, device=args.device,
-                        keep_checkpoints=not args.drop_checkpoints)
+    summary = run_batch(plan.jobs, args.out, options, [LogObserver()], rejected=plan.rejected, merged=plan.merged,
+                        model=model, base_config=source.base(), manifest=str(args.manifest))
     print(summary.render())
-    print(f"summary: {Path(args.out) / 'summary.json'}")
+    print(f"summary: {summary.write()}")
     if summary.failed:
         print(json.dumps([{"job_id": j.job_id, "rows": j.rows, "error": j.error} for j in summary.failed]),
               file=sys.stderr)
-    return 0 if summary.ok else 1
+        return EXIT_PARTIAL
+    return 0

@@ -1,23 +1,38 @@
-"""Options and helpers shared by several sub-commands."""
+"""Options and helpers shared by several sub-commands (import-light: `mcpl --help` loads no torch)."""
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="diffusers Stable Diffusion folder or hub id (SD 1.x/2.x). "
+                        help="diffusers model folder or hub id (Stable Diffusion 1.x/2.x). "
                              "Default: the embedded toy-world model.")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
 
 
-def resolve_model(args: argparse.Namespace) -> str:
-    from mcpl.method.models import default_model
+def configure_threads(threads: int | None) -> None:
+    if threads:
+        import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return args.model or default_model()
+        torch.set_num_threads(threads)
+
+
+def resolve_model(model: str | None) -> str:
+    """The --model given, else the embedded default."""
+    from mcpl.method.model_files import default_model
+
+    return model or default_model()
+
+
+def quiet_libraries() -> None:
+    """No weight-loading bars or import notices from transformers/diffusers (pipeline logs)."""
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()

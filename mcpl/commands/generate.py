@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from mcpl.commands.common import add_model_option, resolve_model
+from mcpl.commands.common import add_model_option, configure_threads, resolve_model
 
 EXAMPLES = """examples:
   mcpl generate "a photo of <dog>" --concepts runs/dog
@@ -35,38 +34,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def concept_files(paths: list[str]) -> tuple[list[Path], str | None]:
     """Expand job folders to their concept files; also return the base model they used."""
+    from mcpl.errors import FileCheckError
+    from mcpl.job.bundle import Bundle
+
     files, model = [], None
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            record = json.loads((path / "job.json").read_text())
-            files += [path / c["file"] for c in record["concepts"]]
-            model = model or record.get("base_model")
+            bundle = Bundle(path)
+            record = bundle.record()
+            files += list(bundle.concept_files(record).values())
+            model = model or record.base_model
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"no job folder or concept file at {raw}")
+            raise FileCheckError(f"no job folder or concept file at {raw}")
     return files, model
 
 
 def run(args: argparse.Namespace) -> int:
     from mcpl.concepts.generate import generate, load_concepts, load_pipeline
-    from mcpl.method.models import ModelLoadError
 
-    try:
-        files, job_model = concept_files(args.concepts)
-        model = args.model or job_model or resolve_model(args)
-        pipe = load_pipeline(model, args.device)
-        tokens = load_concepts(pipe, files)
-        missing = [t for t in tokens if t not in args.prompt]
-        if missing:
-            print(f"note: loaded but not used in the prompt: {', '.join(missing)}", file=sys.stderr)
-        used = [t for t in tokens if t in args.prompt]
-        result = generate(pipe, args.prompt, used, num_images=args.num, steps=args.steps,
-                          guidance=args.guidance, seed=args.seed, size=args.size)
-    except (ModelLoadError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    configure_threads(args.threads)
+    files, job_model = concept_files(args.concepts)
+    model = args.model or job_model or resolve_model(None)
+    pipe = load_pipeline(model, args.device)
+    tokens = load_concepts(pipe, files)
+    missing = [t for t in tokens if t not in args.prompt]
+    if missing:
+        print(f"note: loaded but not used in the prompt: {', '.join(missing)}", file=sys.stderr)
+    used = [t for t in tokens if t in args.prompt]
+    result = generate(pipe, args.prompt, used, num_images=args.num, steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, size=args.size)
     out = result.save(args.out)
     print(f"{len(result.images)} image(s) of {args.prompt!r} -> {out} (image_N.png, attention_N.png)")
     return 0

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from mcpl.errors import EXIT_UNAVAILABLE
+
 EXAMPLES = """examples:
   mcpl registry build runs/batch                    replay spooled MLflow logs, publish the batch's bundles
   mcpl registry list
@@ -67,11 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ld.set_defaults(handler=run_load)
 
 
-def _fail(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-
-
 def run_build(args: argparse.Namespace) -> int:
     from mcpl.pipeline.registry.publish import publish_bundles
     from mcpl.pipeline.tracking.tracker import Tracker
@@ -83,11 +80,8 @@ def run_build(args: argparse.Namespace) -> int:
         print(status.message())
         if status.pending:
             print("error: MLflow still unreachable; nothing published", file=sys.stderr)
-            return 1
-    try:
-        report = publish_bundles(root, args.tracking_uri, args.experiment, snapshot=not args.no_snapshot)
-    except Exception as err:  # noqa: BLE001 - MLflow errors of all kinds end here
-        return _fail(err)
+            return EXIT_UNAVAILABLE
+    report = publish_bundles(root, args.tracking_uri, args.experiment, snapshot=not args.no_snapshot)
     print(report.message())
     for name, version in report.created:
         print(f"  new  {name} v{version}")
@@ -95,7 +89,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from mcpl.pipeline.registry.publish import list_concepts
+    from mcpl.pipeline.registry.refs import list_concepts
 
     rows = list_concepts(args.tracking_uri, args.filter)
     if args.json:
@@ -112,12 +106,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from mcpl.pipeline.registry.publish import show
+    from mcpl.pipeline.registry.refs import show
 
-    try:
-        info = show(args.ref, args.tracking_uri)
-    except Exception as err:  # noqa: BLE001
-        return _fail(err)
+    info = show(args.ref, args.tracking_uri)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
@@ -132,39 +123,34 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from mcpl.pipeline.registry.publish import export
+    from mcpl.pipeline.registry.refs import export
 
-    try:
-        path = export(args.ref, args.out, args.format, args.name, args.tracking_uri)
-    except Exception as err:  # noqa: BLE001
-        return _fail(err)
+    path = export(args.ref, args.out, args.format, args.name, args.tracking_uri)
     print(f"{args.ref} -> {path} ({args.format})")
     return 0
 
 
 def run_load(args: argparse.Namespace) -> int:
     from mcpl.concepts.generate import generate, load_pipeline
-    from mcpl.pipeline.registry.publish import client_for, load_into_pipeline, resolve
+    from mcpl.pipeline.registry.refs import load_into_pipeline, resolve
+    from mcpl.pipeline.tracking.store import client_for
 
     refs, tokens = [], []
     for item in args.refs:
         ref, _, token = item.partition("=")
         refs.append(ref)
         tokens.append(token or None)
-    try:
-        client = client_for(args.tracking_uri)
-        model = args.model
-        if model is None:
-            name, version = resolve(client, refs[0])
-            model = client.get_model_version(name, version).tags.get("base_model")
-        pipe = load_pipeline(model, args.device)
-        loaded = load_into_pipeline(pipe, refs, tokens, client=client)
-        for item in loaded:
-            print(f"  {item.token:<28} <- {item.name} v{item.version}")
-        used = [i.token for i in loaded if i.token in args.prompt]
-        result = generate(pipe, args.prompt, used, num_images=args.num, steps=args.steps, seed=args.seed)
-    except Exception as err:  # noqa: BLE001
-        return _fail(err)
+    client = client_for(args.tracking_uri, read_only=True)
+    model = args.model
+    if model is None:
+        name, version = resolve(client, refs[0])
+        model = client.get_model_version(name, version).tags.get("base_model")
+    pipe = load_pipeline(model, args.device)
+    loaded = load_into_pipeline(pipe, refs, tokens, client=client)
+    for item in loaded:
+        print(f"  {item.token:<28} <- {item.name} v{item.version}")
+    used = [i.token for i in loaded if i.token in args.prompt]
+    result = generate(pipe, args.prompt, used, num_images=args.num, steps=args.steps, seed=args.seed)
     out = result.save(args.out)
     print(f"{len(result.images)} image(s) of {args.prompt!r} -> {out}")
     return 0

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from mcpl.commands.common import add_model_option, resolve_model
+from mcpl.commands.common import add_model_option, configure_threads, resolve_model
+from mcpl.errors import EXIT_USAGE
 
 EXAMPLES = """examples:
   mcpl train --image dog.png --sentence "a photo of a brown <dog|dog|brown> on a <board|skateboard>"
@@ -42,48 +43,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _open(path: str, kind: str = "RGB"):
+    from mcpl.errors import FileCheckError
+    from mcpl.pipeline.data.files import open_image
+
+    if not Path(path).is_file():
+        raise FileCheckError(f"{path}: file not found")
+    try:
+        return open_image(Path(path), kind=kind)[0]
+    except FileCheckError as err:
+        raise FileCheckError(f"{path}: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from mcpl.config import TrainConfig, parse_overrides
+    from mcpl.config import ConfigSource, RunOptions
     from mcpl.job.run import run_job
-    from mcpl.method.models import ModelLoadError
-    from mcpl.method.prompts import SentenceError
-    from mcpl.method.trainer import JobInput
-    from mcpl.pipeline.data.files import FileCheckError, open_image
+    from mcpl.method.inputs import JobInput
 
     if len(args.image) != len(args.sentence):
         print(f"error: {len(args.image)} --image but {len(args.sentence)} --sentence; give one sentence per image",
               file=sys.stderr)
-        return 2
-    strategy = args.strategy or ("diverse" if len(args.image) > 1 else "one")
-    fields: dict[str, object] = {"strategy": strategy}
-    if args.steps:
-        fields["steps"] = args.steps
-    for flag, name in ((args.full or args.attn_mask, "attn_mask"), (args.full or args.prompt_cl, "prompt_cl"),
-                       (args.full or args.bind_adj, "bind_adj")):
-        if flag:
-            fields[name] = True
-    try:
-        fields.update(parse_overrides(args.set))
-        config = TrainConfig(**fields)
-        masks = {}
-        for spec in args.mask:
-            token, _, path = spec.partition("=")
-            masks[token.strip()] = open_image(Path(path), kind="L")[0]
-        inputs = [JobInput.from_text(open_image(Path(img))[0], sentence, source=img, masks=masks if i == 0 else None)
-                  for i, (img, sentence) in enumerate(zip(args.image, args.sentence, strict=True))]
-        result = run_job(resolve_model(args), inputs, config, args.out, device=args.device, samples=args.samples)
-    except (SentenceError, ModelLoadError, FileCheckError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    configure_threads(args.threads)
+    flags = {"strategy": args.strategy, "steps": args.steps, "attn_mask": args.attn_mask or None,
+             "prompt_cl": args.prompt_cl or None, "bind_adj": args.bind_adj or None}
+    source = ConfigSource.from_options(None, flags, args.set, full=args.full)
+    config = source.for_job(images=len(args.image))
+    if args.strategy == "all" and len(args.image) > 1:
+        print("error: MCPL-all takes exactly one image; use --strategy diverse for several", file=sys.stderr)
+        return EXIT_USAGE
+    masks = {}
+    for spec in args.mask:
+        token, _, path = spec.partition("=")
+        masks[token.strip()] = _open(path, "L")
+    inputs = [JobInput.from_text(_open(img), sentence, source=img, masks=masks if i == 0 else None)
+              for i, (img, sentence) in enumerate(zip(args.image, args.sentence, strict=True))]
+    options = RunOptions(device=args.device, threads=args.threads, samples=args.samples)
+    result = run_job(resolve_model(args.model), inputs, config, args.out, options=options)
     out = Path(args.out)
-    print(f"\nlearned {len(result.record['concepts'])} concept(s) in {result.record['train_seconds']:.1f} s "
-          f"-> {out}")
-    for concept in result.record["concepts"]:
-        print(f"  {concept['token']:<16} {out / concept['file']}")
-    for image in result.record["images"]:
-        print(f"  attention overlay: {out / image['overlay']}")
-    if result.record.get("samples"):
-        print(f"  samples:           {out / 'samples' / 'all.png'}")
-    if result.record["metrics"]:
-        print("  metrics: " + json.dumps(result.record["metrics"]))
+    record = result.record
+    print(f"\nlearned {len(record.concepts)} concept(s) in {record.train_seconds:.1f} s -> {out}")
+    for concept in record.concepts:
+        print(f"  {concept.token:<16} {out / concept.file}")
+    for image in record.images:
+        print(f"  attention overlay: {out / image.overlay}")
+    if record.samples:
+        print(f"  samples:           {result.bundle.samples_dir / 'all.png'}")
+    if record.metrics:
+        print("  metrics: " + json.dumps(record.metrics))
     return 0

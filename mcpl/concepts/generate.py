@@ -15,8 +15,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from mcpl.concepts.embeddings import load_concept
+from mcpl.errors import ModelLoadError, RegistryError
 from mcpl.method.attention import AttentionStore, install_capture, restore_processors, select_layers
-from mcpl.method.models import ModelLoadError, frozen_dtype, pick_device
+from mcpl.method.models import frozen_dtype, pick_device
 
 
 @dataclass
@@ -58,7 +59,7 @@ def load_concepts(pipe: StableDiffusionPipeline, files: list[str | Path],
         token, vectors, _ = load_concept(file)
         token = tokens[i] if tokens else token
         if token in pipe.tokenizer.get_vocab():
-            raise ValueError(f"token {token} is already loaded; give one of the concepts another token")
+            raise RegistryError(f"token {token} is already loaded; give one of the concepts another token")
         pipe.load_textual_inversion({token: vectors.to(pipe.text_encoder.dtype)}, token=token)
         loaded.append(token)
     return loaded

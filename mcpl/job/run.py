@@ -1,19 +1,11 @@
 """Run one job end to end and write its bundle: concepts, maps, overlays, samples, metrics.
 
-Bundle layout (`out_dir`):
-    job.json                          what was learned, from what, with which settings, metrics
-    concepts/<name>/learned_embeds.safetensors   one per concept, diffusers' format + metadata
-    embeddings.safetensors            every learned token of the job (MCPL-all words included)
-    attention/image_<i>.safetensors   per-concept maps on the training image (timestep mean)
-    attention/image_<i>.png           the same as overlays
-    samples/<name>.png, samples/composed.png   generations with the learned words
-    checkpoints/                      resumable state (safe to delete once done)
+The layout of what is written is mcpl.job.bundle's; this module only fills it. A job
+resumes from its bundle's checkpoints, so running the same job again continues it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,26 +14,40 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mcpl.concepts.embeddings import EMBEDS_FILE, save_concept
+from mcpl.concepts.embeddings import save_concept
 from mcpl.concepts.metrics import concept_metrics
 from mcpl.concepts.overlay import attention_figure, grid
-from mcpl.config import TrainConfig
+from mcpl.config import RunOptions, TrainConfig
+from mcpl.job.bundle import OVERLAY_FILE, Bundle, ConceptEntry, ImageEntry, JobRecord, job_id
 from mcpl.method.images import square_resize
-from mcpl.method.models import Components, load_components, model_hash
+from mcpl.method.inputs import JobInput
+from mcpl.method.model_files import model_hash
+from mcpl.method.models import Components, load_components
 from mcpl.method.prompts import parse_sentence
-from mcpl.method.trainer import JobInput, MCPLTrainer, TrainCallback
-
-JOB_FILE = "job.json"
+from mcpl.method.trainer import MCPLTrainer, TrainCallback
+from mcpl.provenance import git_revision
 
 
 @dataclass
 class JobResult:
-    out_dir: Path
-    record: dict
+    bundle: Bundle
+    record: JobRecord
+
+    @property
+    def out_dir(self) -> Path:
+        return self.bundle.path
 
     @property
     def concept_files(self) -> dict[str, Path]:
-        return {c["token"]: self.out_dir / c["file"] for c in self.record["concepts"]}
+        return self.bundle.concept_files(self.record)
+
+
+def inputs_job_id(inputs: Sequence[JobInput], config: TrainConfig, model: str) -> str:
+    """The id of the job these inputs make under this config and model (the pipeline's id too)."""
+    from mcpl.method.inputs import image_hash
+
+    return job_id([image_hash(i.image) for i in inputs], [i.sentence.source for i in inputs], config.job_hash(),
+                  model_hash(model))
 
 
 @torch.no_grad()
@@ -66,33 +72,40 @@ def image_attention_maps(trainer: MCPLTrainer, image_index: int, n_timesteps: in
 
 
 def run_job(model: str | Components, inputs: Sequence[JobInput], config: TrainConfig, out_dir: str | Path,
-            callbacks: Sequence[TrainCallback] = (), device: str | None = None, samples: int = 2,
-            sample_steps: int = 25, progress: bool = True) -> JobResult:
+            callbacks: Sequence[TrainCallback] = (), options: RunOptions | None = None) -> JobResult:
     """Train (resuming if checkpoints exist) and write the job's bundle.
 
     `model` is a model id/folder, or already loaded Components to share across jobs of one
     process (the trainer hands them back unchanged).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    components = model if isinstance(model, Components) else load_components(model, device)
+    options = options or RunOptions()
+    bundle = Bundle(out_dir)
+    bundle.path.mkdir(parents=True, exist_ok=True)
+    components = model if isinstance(model, Components) else load_components(model, options.device)
     started = time.time()
-    trainer = MCPLTrainer(components, inputs, config, out, callbacks=callbacks, progress=progress)
+    trainer = MCPLTrainer(components, inputs, config, bundle.checkpoints, callbacks=callbacks,
+                          progress=options.progress)
     try:
         vectors = trainer.train()
-        record = write_bundle(trainer, vectors, out)
+        record = write_bundle(trainer, vectors, bundle)
     finally:
         trainer.close()
-    record["wall_seconds"] = round(time.time() - started, 2)
-    if samples:
+    record.wall_seconds = round(time.time() - started, 2)
+    if options.samples:
         template = components.hints.get("templates", ["a photo of {}"])[0]
-        record["samples"] = write_samples(components.name, out, record, samples, sample_steps, config.seed,
-                                          str(components.device), template)
-    (out / JOB_FILE).write_text(json.dumps(record, indent=1))
-    return JobResult(out, record)
+        record.samples = write_samples(components.name, bundle, record, options, config.seed,
+                                       str(components.device), template)
+    bundle.write_record(record)
+    return JobResult(bundle, record)
 
 
-def write_bundle(trainer: MCPLTrainer, vectors: dict[str, torch.Tensor], out: Path) -> dict:
+def plan_is_word(label: str, strategy: str) -> bool:
+    """MCPL-all's per-word tokens are learnable but are not concepts of their own."""
+    return strategy == "all" and label.startswith("w") and "." in label
+
+
+def write_bundle(trainer: MCPLTrainer, vectors: dict[str, torch.Tensor], bundle: Bundle) -> JobRecord:
+    """Concept files, the job's embeddings, maps and overlays (+ metrics where masks exist)."""
     config, plan, c = trainer.config, trainer.plan, trainer.c
     image_ids = trainer.image_ids()
     base = {"base_model": c.name, "base_model_hash": model_hash(c.name), "strategy": config.strategy,
@@ -104,65 +117,57 @@ def write_bundle(trainer: MCPLTrainer, vectors: dict[str, torch.Tensor], out: Pa
         sentences = [i.sentence.source for i in trainer.inputs if tok.token in {x.token for x in i.sentence.concepts}]
         meta = {**base, "token": tok.token, "initializer": tok.initializer, "adjective": tok.adjective or "",
                 "sentences": sentences, "image_hashes": image_ids, "num_vectors": config.num_vectors}
-        rel = Path("concepts") / tok.label / EMBEDS_FILE
-        save_concept(out / rel, tok.token, vectors[tok.token], meta)
-        concepts.append({"token": tok.token, "name": tok.label, "initializer": tok.initializer,
-                         "adjective": tok.adjective, "file": str(rel)})
-    save_file({k: v for k, v in vectors.items()}, str(out / "embeddings.safetensors"),
-              metadata={k: str(v) for k, v in base.items()})
+        rel = Bundle.concept_rel(tok.label)
+        save_concept(bundle.file(rel), tok.token, vectors[tok.token], meta)
+        concepts.append(ConceptEntry(tok.token, tok.label, tok.initializer, tok.adjective, rel))
+    save_file(dict(vectors), str(bundle.embeddings_file), metadata={k: str(v) for k, v in base.items()})
     metrics: dict[str, dict] = {}
     images = []
+    overlaid: set[str] = set()
+    bundle.attention_dir.mkdir(exist_ok=True)
     for i, item in enumerate(trainer.inputs):
         maps = image_attention_maps(trainer, i, config.map_timesteps)
         in_sentence = {x.token for x in item.sentence.concepts}
         concept_maps = {t: m for t, m in maps.items() if t in in_sentence}
-        (out / "attention").mkdir(exist_ok=True)
-        save_file({t: m.contiguous() for t, m in maps.items()}, str(out / "attention" / f"image_{i}.safetensors"))
+        save_file({t: m.contiguous() for t, m in maps.items()}, str(bundle.attention_maps_file(i)))
         shown = square_resize(item.image, trainer.resolution)
-        attention_figure(shown, concept_maps, out / "attention" / f"image_{i}.png")
+        attention_figure(shown, concept_maps, bundle.file(Bundle.overlay_rel(i)))
+        for entry in concepts:  # each concept's own overlay, on the first image that marks it
+            own = bundle.concept_folder(entry.name) / OVERLAY_FILE
+            if entry.token in concept_maps and entry.name not in overlaid:
+                attention_figure(shown, {entry.token: concept_maps[entry.token]}, own)
+                overlaid.add(entry.name)
         if item.masks:
             masks = {t: square_resize(m, trainer.resolution) for t, m in item.masks.items()}
             metrics[f"image_{i}"] = concept_metrics(concept_maps, masks, config.mask_threshold)
-        images.append({"source": item.source, "sentence": item.sentence.source, "hash": image_ids[i],
-                       "overlay": f"attention/image_{i}.png"})
+        images.append(ImageEntry(item.source, item.sentence.source, image_ids[i], Bundle.overlay_rel(i)))
     losses = [h["loss"] for h in trainer.history]
-    return {**base, "job_id": job_id(image_ids, [i.sentence.source for i in trainer.inputs], config, c.name),
-            "config": config.model_dump(), "learning_rate": trainer.lr, "attention_layers": trainer.layers,
-            "concepts": concepts, "images": images, "metrics": metrics,
-            "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "train_seconds": trainer.train_seconds,
-            "history": trainer.history}
+    return JobRecord(
+        job_id=job_id(image_ids, [i.sentence.source for i in trainer.inputs], config.job_hash(), model_hash(c.name)),
+        **base, config=config.model_dump(), learning_rate=trainer.lr, attention_layers=trainer.layers,
+        concepts=concepts, images=images, metrics=metrics,
+        final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])), train_seconds=trainer.train_seconds,
+        history=trainer.history, git_rev=git_revision())
 
 
-def plan_is_word(label: str, strategy: str) -> bool:
-    """MCPL-all's per-word tokens are learnable but are not concepts of their own."""
-    return strategy == "all" and label.startswith("w") and "." in label
-
-
-def job_id(image_hashes: Sequence[str], sentences: Sequence[str], config: TrainConfig, model: str) -> str:
-    """Stable id from content + config + model: the same work always gets the same id."""
-    key = json.dumps([list(image_hashes), list(sentences), config.job_hash(), model_hash(model)])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def write_samples(model: str, out: Path, record: dict, n: int, steps: int, seed: int, device: str,
+def write_samples(model: str, bundle: Bundle, record: JobRecord, options: RunOptions, seed: int, device: str,
                   template: str = "a photo of {}") -> dict:
     """Generate each concept alone (`template` around "a <token>", in the phrasing the model
     knows) and all together, with the files diffusers would load."""
     from mcpl.concepts.generate import generate, load_concepts, load_pipeline
 
     pipe = load_pipeline(model, device)
-    files = [out / c["file"] for c in record["concepts"]]
-    tokens = load_concepts(pipe, files)
+    tokens = load_concepts(pipe, list(bundle.concept_files(record).values()))
     written, rows, labels = {}, [], []
-    prompts = {c["name"]: template.format(f"a {c['token']}") for c in record["concepts"]}
-    prompts["composed"] = parse_sentence(record["images"][0]["sentence"]).as_prompt()
+    prompts = {c.name: template.format(f"a {c.token}") for c in record.concepts}
+    prompts["composed"] = parse_sentence(record.images[0].sentence).as_prompt()
+    bundle.samples_dir.mkdir(exist_ok=True)
     for name, prompt in prompts.items():
-        result = generate(pipe, prompt, tokens, num_images=n, steps=steps, seed=seed)
+        result = generate(pipe, prompt, tokens, num_images=options.samples, steps=options.sample_steps, seed=seed)
         rows.append(result.images)
         labels.append(prompt)
-        path = out / "samples" / f"{name}.png"
-        path.parent.mkdir(exist_ok=True)
-        grid([result.images], [prompt]).save(path)
-        written[name] = {"prompt": prompt, "file": str(path.relative_to(out))}
-    grid(rows, labels).save(out / "samples" / "all.png")
+        rel = Bundle.sample_rel(name)
+        grid([result.images], [prompt]).save(bundle.file(rel))
+        written[name] = {"prompt": prompt, "file": rel}
+    grid(rows, labels).save(bundle.file(Bundle.sample_rel("all")))
     return written

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-
-
-def image_hash(img: Image.Image) -> str:
-    """Content hash of the decoded pixels (format- and metadata-independent)."""
-    return hashlib.sha256(img.tobytes() + repr(img.size).encode()).hexdigest()[:16]
 
 
 def square_resize(img: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:

@@ -10,6 +10,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from mcpl.errors import SentenceError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 WORD_RE = re.compile(r"[A-Za-z0-9'-]+|[^\sA-Za-z0-9'-]")
 ARTICLES = {"a", "an", "the"}
@@ -26,10 +28,6 @@ TEMPLATES = (
     "a nice picture of {}",
     "an image of {}",
 )
-
-
-class SentenceError(ValueError):
-    """A concept sentence that cannot be used, with the reason in the message."""
 
 
 @dataclass(frozen=True)

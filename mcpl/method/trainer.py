@@ -12,22 +12,22 @@ import copy
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from mcpl.config import TrainConfig
 from mcpl.method.attention import AttentionStore, install_capture, restore_processors, select_layers, union_mask
 from mcpl.method.checkpoint import load_latest, save_checkpoint
-from mcpl.method.images import LatentCache, encode_images, image_hash
+from mcpl.method.images import LatentCache, encode_images
+from mcpl.method.inputs import JobInput, image_hash
 from mcpl.method.learned import LearnedTokenEmbedding, attach_learned_tokens, frozen_table, token_vectors
 from mcpl.method.losses import masked_noise_loss, prompt_contrastive_loss
 from mcpl.method.models import Components
-from mcpl.method.prompts import TEMPLATES, PromptPlan, Sentence, SentenceError, parse_sentence, plan_prompts
+from mcpl.method.prompts import TEMPLATES, PromptPlan, SentenceError, plan_prompts
 
 
 class TrainCallback(Protocol):
@@ -36,21 +36,6 @@ class TrainCallback(Protocol):
     def on_step(self, step: int, logs: dict[str, float]) -> None: ...
 
     def on_checkpoint(self, step: int, path: Path) -> None: ...
-
-
-@dataclass
-class JobInput:
-    """One image with its concept sentence (and optional masks for evaluation)."""
-
-    image: Image.Image
-    sentence: Sentence
-    source: str = ""
-    masks: dict[str, Image.Image] = field(default_factory=dict)
-
-    @classmethod
-    def from_text(cls, image: Image.Image, sentence: str, source: str = "",
-                  masks: dict[str, Image.Image] | None = None) -> JobInput:
-        return cls(image=image, sentence=parse_sentence(sentence), source=source, masks=masks or {})
 
 
 @dataclass
@@ -74,7 +59,7 @@ class MCPLTrainer:
     """Holds one job's state; `train()` runs (or resumes) it to `config.steps`."""
 
     def __init__(self, components: Components, inputs: Sequence[JobInput], config: TrainConfig,
-                 out_dir: str | Path | None = None, callbacks: Sequence[TrainCallback] = (),
+                 checkpoint_dir: str | Path | None = None, callbacks: Sequence[TrainCallback] = (),
                  progress: bool = True) -> None:
         if not inputs:
             raise ValueError("a job needs at least one image")
@@ -82,7 +67,7 @@ class MCPLTrainer:
         self.c = dataclasses.replace(components, tokenizer=copy.deepcopy(components.tokenizer))
         self.inputs = list(inputs)
         self.config = config
-        self.out_dir = Path(out_dir) if out_dir else None
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.callbacks = list(callbacks)
         self.progress = progress
         self.plan: PromptPlan = plan_prompts([i.sentence for i in inputs], config.strategy,
@@ -281,10 +266,6 @@ class MCPLTrainer:
                                        self.config.cl_temperature)
 
     # ------------------------------------------------------------------------ checkpoints
-    @property
-    def checkpoint_dir(self) -> Path | None:
-        return self.out_dir / "checkpoints" if self.out_dir else None
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"rows": self.embedding.rows.data, "rng": self.generator.get_state(),
                    "running_count": self.running_count}

@@ -1,197 +1,197 @@
-"""Run a list of jobs in-process (no server): each writes its bundle, done work is skipped.
+"""The one job runner: `run_one` runs a job into its bundle, `run_batch` runs many; observers listen.
 
-Layout under `out_root`:
-    jobs/<job_id>/            the bundle of mcpl.job.run_job (job.json marks it done)
-    jobs/<job_id>/spec.json   the JobSpec that made it (dataset, rows, images, group, config)
-    jobs/<job_id>/concepts/<name>/concept.json, overlay.png, sample.png   registry cards
-    jobs/<job_id>/error.log   traceback of a failed attempt (removed once it succeeds)
-    summary.json              every job's outcome and every rejected table row
+`mcpl batch`, the DVC train stage and the Prefect tasks all call `run_one`. What else
+happens around a job (progress lines, its MLflow run, the registry, Prefect logs) is an
+`Observer`: the runner calls its hooks and hands the engine the TrainCallbacks they
+return; an observer never runs a job itself. Layout under a batch folder:
+
+    jobs/<job_id>/    the job's bundle (mcpl.job.bundle), job.json marks it done
+    summary.json      every job's outcome and every input row's fate (mcpl.pipeline.report)
 
 A job whose bundle already has a job.json with the same job id is skipped; a job that
-fails is recorded with its error and the batch goes on. Re-running the same batch resumes
-an interrupted job from its checkpoints (the engine's resume) and skips finished ones.
+fails is recorded with its error and the batch goes on; re-running resumes an interrupted
+job from its checkpoints (the engine's resume) and skips finished ones.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
-import sys
+import socket
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcpl.job.run import JOB_FILE
+from mcpl.config import RunOptions, TrainConfig
+from mcpl.errors import BundleError
+from mcpl.job.bundle import Bundle, JobOutcome, JobStatus
+from mcpl.job.cards import concept_cards
+from mcpl.method.checkpoint import list_checkpoints
 from mcpl.pipeline.data.jobs import JobSpec
-from mcpl.pipeline.registry.publish import (
-    SPEC_FILE,  # the JobSpec of a bundle (dataset, rows, group), read by the registry
-)
-
-SUMMARY_FILE = "summary.json"
-JOBS_DIR = "jobs"
+from mcpl.pipeline.report import BatchSummary
 
 
 @dataclass
-class JobOutcome:
-    job_id: str
-    status: str  # "done" (trained now) | "skipped" (done before) | "failed"
-    rows: list[int]
-    images: list[str]
-    group: str | None
-    out_dir: str  # relative to the batch folder
-    seconds: float = 0.0
-    error: str | None = None
-    concepts: list[str] = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
+class BatchContext:
+    """What observers learn when a batch starts."""
+
+    out_root: Path
+    jobs: list[JobSpec]
+    model: str = ""
+    base_config: TrainConfig | None = None
+    rejected: list[dict] = field(default_factory=list)
+    merged: list[dict] = field(default_factory=list)  # rows that are the same work as another row
+    manifest: str = ""
+    params: dict = field(default_factory=dict)  # how the batch was started (for its MLflow run)
 
 
 @dataclass
-class BatchSummary:
-    out_root: str
-    jobs: list[JobOutcome]
-    rejected: list[dict] = field(default_factory=list)  # rejected table rows (from the manifest)
-    started: float = 0.0
-    finished: float = 0.0
+class JobContext:
+    """What observers learn when a job starts."""
 
-    def count(self, status: str) -> int:
-        return sum(1 for j in self.jobs if j.status == status)
-
-    @property
-    def failed(self) -> list[JobOutcome]:
-        return [j for j in self.jobs if j.status == "failed"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def to_dict(self) -> dict:
-        return {"out_root": self.out_root, "started": self.started, "finished": self.finished,
-                "counts": {s: self.count(s) for s in ("done", "skipped", "failed")} | {
-                    "jobs": len(self.jobs), "rejected_rows": len(self.rejected)},
-                "jobs": [asdict(j) for j in self.jobs], "rejected": self.rejected}
-
-    def write(self, path: str | Path | None = None) -> Path:
-        path = Path(path) if path else Path(self.out_root) / SUMMARY_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=str))
-        tmp.replace(path)
-        return path
-
-    def render(self) -> str:
-        lines = [f"{len(self.jobs)} job(s): {self.count('done')} trained, {self.count('skipped')} already done, "
-                 f"{self.count('failed')} failed; {len(self.rejected)} table row(s) rejected at validation"]
-        for j in self.failed:
-            lines.append(f"  FAILED {j.job_id} ({_label(j)}): {j.error}")
-        for r in self.rejected:
-            lines.append(f"  rejected row {r.get('row')}: {r.get('error')}")
-        return "\n".join(lines)
+    spec: JobSpec
+    bundle: Bundle
+    resumed_from: int  # newest checkpoint step (0: a fresh start)
+    device: str
+    index: int = 0  # 1-based position in the batch (0: a lone job)
+    total: int = 0
 
 
-def _label(j: JobOutcome | JobSpec) -> str:
-    rows = ", ".join(map(str, j.rows))
-    return f"group {j.group!r}, rows {rows}" if j.group else f"row {rows}"
+class Observer:
+    """Hooks of the runner, all optional. `job_started` may return TrainCallbacks for the engine."""
+
+    def batch_started(self, batch: BatchContext) -> None:
+        pass
+
+    def job_started(self, job: JobContext) -> Sequence:
+        return ()
+
+    def job_finished(self, job: JobContext, outcome: JobOutcome) -> None:
+        pass
+
+    def batch_finished(self, summary: BatchSummary) -> None:
+        pass
 
 
-def job_dir(out_root: str | Path, job_id: str) -> Path:
-    return Path(out_root) / JOBS_DIR / job_id
+def worker_name() -> str:
+    return os.environ.get("MCPL_WORKER_NAME") or socket.gethostname()
 
 
 def new_outcome(spec: JobSpec, out_root: str | Path) -> JobOutcome:
     """A job's outcome record, 'failed' until the job proves otherwise."""
-    out = job_dir(out_root, spec.job_id)
-    return JobOutcome(spec.job_id, "failed", list(spec.rows), list(spec.images), spec.group,
-                      str(out.relative_to(out_root)))
+    return JobOutcome(spec.job_id, JobStatus.FAILED, list(spec.rows), list(spec.images), spec.group,
+                      str(Bundle.of(out_root, spec.job_id).path.relative_to(out_root)))
 
 
-def train_one(spec: JobSpec, out: Path, callbacks: Sequence = (), device: str | None = None, samples: int = 2,
-              sample_steps: int = 25, progress: bool = True) -> dict:
-    """Run one job into its bundle folder (resuming from its checkpoints); raise on failure.
+def run_one(spec: JobSpec, out_root: str | Path, options: RunOptions | None = None,
+            observers: Sequence[Observer] = (), *, components=None, index: int = 0, total: int = 0) -> JobOutcome:
+    """Run one job into `<out_root>/jobs/<job_id>/`; never raises for the job's own failure.
 
-    Shared by the in-process batch and the orchestrated task, so both write the same
-    bundle: spec.json, the engine's bundle, the registry cards. Returns job.json's record.
+    Skips finished work, resumes from checkpoints, writes spec.json, the engine's bundle,
+    the concept cards and outcome.json (so a parent that ran it in another process can
+    read it back). `components`: a model already loaded in this process, to share.
     """
     from mcpl.job.run import run_job
-    from mcpl.pipeline.registry.publish import concept_cards
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
-    result = run_job(spec.model, spec.load_inputs(), spec.config, out, callbacks=list(callbacks),
-                     device=device, samples=samples, sample_steps=sample_steps, progress=progress)
-    if result.record.get("job_id") != spec.job_id:
-        raise RuntimeError(f"the engine recorded job id {result.record.get('job_id')} for job {spec.job_id}; "
-                           "its inputs differ from the manifest (validate again)")
-    concept_cards(out)  # each concept's card files, as the registry publishes them (idempotent)
-    (out / "error.log").unlink(missing_ok=True)
-    return result.record
-
-
-def is_done(out_dir: Path, job_id: str) -> dict | None:
-    """The job.json record if the bundle at out_dir is finished work for job_id."""
-    try:
-        record = json.loads((out_dir / JOB_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("job_id") == job_id else None
-
-
-def run_batch(jobs: Sequence[JobSpec], out_root: str | Path, skip_done: bool = True,
-              callbacks_factory: Callable[[JobSpec], Sequence] | None = None, progress: bool = True, *,
-              rejected: Sequence[dict] = (), samples: int = 2, sample_steps: int = 25,
-              device: str | None = None, keep_checkpoints: bool = True, log: bool = True) -> BatchSummary:
-    """Run every job (sequentially, in this process); never stops at a failing job.
-
-    `callbacks_factory(spec)` gives each job's TrainCallbacks (e.g. MLflow or Prefect
-    loggers). `rejected`: table rows rejected at validation, carried into the summary.
-    `keep_checkpoints=False` deletes a finished job's checkpoints/ (its resumable state).
-    `progress`: the engine's progress bars; `log`: one line per job on stderr.
-    """
+    options = options or RunOptions()
     out_root = Path(out_root)
-    summary = BatchSummary(str(out_root), [], list(rejected), started=time.time())
-    for n, spec in enumerate(jobs, start=1):
-        out = job_dir(out_root, spec.job_id)
-        outcome = new_outcome(spec, out_root)
-        summary.jobs.append(outcome)
-        record = is_done(out, spec.job_id) if skip_done else None
-        if record is not None:
-            outcome.status = "skipped"
-            fill_outcome(outcome, record)
-            _say(log, f"[{n}/{len(jobs)}] {spec.job_id} ({_label(spec)}): done before, skipped")
-            summary.write()
-            continue
-        _say(log, f"[{n}/{len(jobs)}] {spec.job_id} ({_label(spec)}): training "
-                       f"{spec.config.steps} steps, strategy {spec.config.strategy}")
-        started = time.time()
-        try:
-            callbacks = list(callbacks_factory(spec)) if callbacks_factory else []
-            record = train_one(spec, out, callbacks, device, samples, sample_steps, progress)
-        except Exception as err:  # noqa: BLE001 - one job's failure must not stop the batch
-            outcome.seconds = round(time.time() - started, 2)
-            outcome.error = f"{type(err).__name__}: {err}"
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "error.log").write_text(traceback.format_exc())
-            _say(log, f"[{n}/{len(jobs)}] {spec.job_id} FAILED: {outcome.error} (traceback: {out}/error.log)")
-            summary.write()
-            continue
-        outcome.status, outcome.seconds = "done", round(time.time() - started, 2)
-        fill_outcome(outcome, record)
-        if not keep_checkpoints:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        _say(log, f"[{n}/{len(jobs)}] {spec.job_id}: {outcome.status} in {outcome.seconds:.0f} s"
-                  + (f" ({outcome.error})" if outcome.error else ""))
-        summary.write()
-    summary.finished = time.time()
-    summary.write()
-    return summary
+    bundle = Bundle.of(out_root, spec.job_id)
+    outcome = new_outcome(spec, out_root)
+    outcome.device, outcome.worker, outcome.pid = options.device or "", worker_name(), os.getpid()
+    record = bundle.is_done(spec.job_id) if options.skip_done else None
+    checkpoints = list_checkpoints(bundle.checkpoints)
+    job = JobContext(spec, bundle, int(checkpoints[-1].name.split("_")[1]) if checkpoints and record is None else 0,
+                     options.device or "", index, total)
+    outcome.resumed_from = job.resumed_from
+    if record is not None:
+        outcome.status = JobStatus.SKIPPED
+        outcome.fill(record)
+        return _finish(job, outcome, observers)
+    callbacks = [cb for o in observers for cb in o.job_started(job)]
+    started = time.time()
+    try:
+        bundle.path.mkdir(parents=True, exist_ok=True)
+        bundle.write_spec(spec.to_dict())
+        result = run_job(components if components is not None else spec.model, spec.load_inputs(), spec.config,
+                         bundle.path, callbacks, options)
+        if result.record.job_id != spec.job_id:
+            raise BundleError(f"the engine recorded job id {result.record.job_id} for job {spec.job_id}; "
+                              "its inputs differ from the manifest (validate again)")
+        concept_cards(bundle)
+        bundle.clear_error()
+        outcome.status = JobStatus.DONE
+        outcome.fill(result.record)
+        outcome.first_step = job.resumed_from + 1 if result.record.steps > job.resumed_from else None
+        if not options.keep_checkpoints:
+            shutil.rmtree(bundle.checkpoints, ignore_errors=True)
+    except Exception as err:  # the job boundary: one job's failure, of any kind, must not stop the batch
+        outcome.error = f"{type(err).__name__}: {err}"
+        if not any(Path(i).name in str(err) for i in spec.images):  # say which input, if the error does not
+            outcome.error += f" [{spec.label}: {', '.join(spec.images)}]"
+        bundle.write_error(traceback.format_exc())
+    outcome.seconds = round(time.time() - started, 2)
+    return _finish(job, outcome, observers)
 
 
-def fill_outcome(outcome: JobOutcome, record: dict) -> None:
-    outcome.concepts = [c["token"] for c in record.get("concepts", [])]
-    outcome.metrics = record.get("metrics", {})
+def _finish(job: JobContext, outcome: JobOutcome, observers: Sequence[Observer]) -> JobOutcome:
+    job.bundle.write_outcome(outcome)
+    for o in observers:
+        o.job_finished(job, outcome)
+    return outcome
 
 
-def _say(log: bool, message: str) -> None:
-    if log:
-        print(message, file=sys.stderr, flush=True)
+class BatchRun:
+    """One batch: `start`, then `run_one` per job (here, in a Prefect task or a worker), then `finish`."""
+
+    def __init__(self, jobs: Sequence[JobSpec], out_root: str | Path, options: RunOptions | None = None,
+                 observers: Sequence[Observer] = (), *, rejected: Sequence[dict] = (), merged: Sequence[dict] = (),
+                 model: str = "", base_config: TrainConfig | None = None, manifest: str = "",
+                 params: dict | None = None) -> None:
+        self.options = options or RunOptions()
+        self.observers = list(observers)
+        self.context = BatchContext(Path(out_root).resolve(), list(jobs), model, base_config, list(rejected),
+                                    list(merged), manifest, dict(params or {}))
+        self.summary = BatchSummary(str(self.context.out_root), [], list(rejected), list(merged),
+                                    started=time.time())
+        self._lock = threading.Lock()
+
+    def start(self) -> BatchRun:
+        self.context.out_root.mkdir(parents=True, exist_ok=True)
+        for o in self.observers:
+            o.batch_started(self.context)
+        return self
+
+    def run_one(self, spec: JobSpec, components=None) -> JobOutcome:
+        index = next((i for i, j in enumerate(self.context.jobs, start=1) if j.job_id == spec.job_id), 0)
+        outcome = run_one(spec, self.context.out_root, self.options, self.observers, components=components,
+                          index=index, total=len(self.context.jobs))
+        self.record(outcome)
+        return outcome
+
+    def record(self, outcome: JobOutcome) -> None:
+        """Add (or replace) a job's outcome in the summary, which is rewritten after every job (thread-safe:
+        a flow runs jobs from several threads)."""
+        with self._lock:
+            self.summary.jobs = [j for j in self.summary.jobs if j.job_id != outcome.job_id] + [outcome]
+            self.summary.write()
+
+    def finish(self) -> BatchSummary:
+        order = {j.job_id: i for i, j in enumerate(self.context.jobs)}
+        self.summary.jobs.sort(key=lambda o: order.get(o.job_id, len(order)))
+        self.summary.finished = time.time()
+        for o in self.observers:
+            o.batch_finished(self.summary)
+        self.summary.write()
+        return self.summary
+
+
+def run_batch(jobs: Sequence[JobSpec], out_root: str | Path, options: RunOptions | None = None,
+              observers: Sequence[Observer] = (), **context) -> BatchSummary:
+    """Run every job in this process, one after another; never stops at a failing job."""
+    batch = BatchRun(jobs, out_root, options, observers, **context).start()
+    for spec in jobs:
+        batch.run_one(spec)
+    return batch.finish()

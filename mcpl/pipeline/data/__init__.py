@@ -1,14 +1,15 @@
 """Datasets: a folder of images (+ masks) and one table -> validated manifest -> jobs.
 
     report = validate_dataset("data/example")          # writes data/example/manifest.parquet
-    jobs = load_jobs(report.manifest, TrainConfig(), model)
+    jobs = load_jobs(report.manifest, ConfigSource(), model)
 
 Format, limits and every error: docs/FORMAT.md and docs/DATA.md.
 """
 
-from mcpl.pipeline.data.files import DEFAULT_MAX_PIXELS, FileCheckError, ImageInfo, open_image, resolve_inside
-from mcpl.pipeline.data.jobs import JobSpec, StaleInputError, job_config, load_jobs, rejected_rows
-from mcpl.pipeline.data.table import COLUMNS, OPTIONAL, REQUIRED, DatasetError
+from mcpl.errors import DatasetError, FileCheckError, StaleInputError
+from mcpl.pipeline.data.files import DEFAULT_MAX_PIXELS, ImageInfo, open_image, resolve_inside
+from mcpl.pipeline.data.jobs import JobPlan, JobSpec, load_jobs, plan_jobs, rejected_rows
+from mcpl.pipeline.data.table import COLUMNS, OPTIONAL, REQUIRED
 from mcpl.pipeline.data.validate import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
@@ -32,7 +33,8 @@ __all__ = [
     "RowResult",
     "StaleInputError",
     "ValidationReport",
-    "job_config",
+    "JobPlan",
+    "plan_jobs",
     "load_jobs",
     "open_image",
     "read_manifest",

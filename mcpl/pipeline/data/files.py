@@ -15,13 +15,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mcpl.errors import FileCheckError
+
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: any camera photo passes; a decompression bomb does not
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
-
-
-class FileCheckError(ValueError):
-    """A file of the dataset cannot be used; the message says why and what to do."""
 
 
 @dataclass

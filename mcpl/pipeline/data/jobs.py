@@ -1,29 +1,22 @@
 """From a validated manifest to jobs: one per image, or one per MCPL-diverse group.
 
-A job's id is `mcpl.job.job_id(image hashes, sentences, config, model)`, the same id the
+A job's id is `mcpl.job.bundle.job_id(image hashes, sentences, config hash, model hash)`, the same id the
 engine writes into the bundle's job.json, so "done" means "a job.json with this id exists".
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mcpl.config import TrainConfig
-from mcpl.method.images import image_hash
+from mcpl.config import ConfigSource, TrainConfig
+from mcpl.errors import DatasetError, StaleInputError
+from mcpl.job.bundle import job_id
+from mcpl.method.inputs import JobInput, image_hash
+from mcpl.method.model_files import model_hash
 from mcpl.pipeline.data.files import DEFAULT_MAX_PIXELS, load_image, load_mask
-from mcpl.pipeline.data.table import DatasetError
 from mcpl.pipeline.data.validate import read_manifest
-
-if TYPE_CHECKING:  # the engine (diffusers) loads only when a job actually loads its inputs
-    from mcpl.method.trainer import JobInput
-
-
-class StaleInputError(DatasetError):
-    """An image changed after validation: its pixels no longer match the manifest."""
 
 
 @dataclass
@@ -44,8 +37,6 @@ class JobSpec:
 
     def load_inputs(self) -> list[JobInput]:
         """Load images and masks (paths re-resolved inside the root, same checks as validation)."""
-        from mcpl.method.trainer import JobInput
-
         root = Path(self.dataset)
         inputs = []
         for i, (rel, sentence) in enumerate(zip(self.images, self.sentences, strict=True)):
@@ -92,20 +83,23 @@ def dataset_root(manifest_path: Path, meta: dict[str, str]) -> Path:
     raise DatasetError(f"the dataset of {manifest_path} ({meta.get('dataset')}) is gone; validate again")
 
 
-def job_config(base: TrainConfig, overrides: dict, group: str | None) -> TrainConfig:
-    """Base config + a row's overrides; 'diverse' for groups, never 'diverse' for one image."""
-    fields = {**base.model_dump(), **overrides}
-    if group is not None:
-        fields["strategy"] = "diverse"
-    elif fields["strategy"] == "diverse":
-        fields["strategy"] = "one"
-    return TrainConfig(**fields)
+@dataclass
+class JobPlan:
+    """A manifest as work: the jobs, the rows merged into another row's job, and the rejected rows."""
+
+    jobs: list[JobSpec]
+    merged: list[dict] = field(default_factory=list)  # {"row", "duplicate_of": [rows], "job_id"}
+    rejected: list[dict] = field(default_factory=list)
 
 
-def load_jobs(manifest_path: str | Path, base_config: TrainConfig, model: str) -> list[JobSpec]:
-    """The valid rows of a manifest as jobs (table order), each with its final job id."""
-    from mcpl.job.run import job_id
+def plan_jobs(manifest_path: str | Path, source: ConfigSource | TrainConfig, model: str) -> JobPlan:
+    """The valid rows of a manifest as jobs (table order), each with its final job id.
 
+    Rows that are the same work as an earlier row under this config (same pixels, sentence
+    and settings) train once; they are kept in `merged`, so a summary accounts for every row.
+    """
+    if isinstance(source, TrainConfig):
+        source = ConfigSource(fields=source.model_dump())
     manifest_path = Path(manifest_path)
     rows, meta = read_manifest(manifest_path)
     root = dataset_root(manifest_path, meta)
@@ -115,22 +109,28 @@ def load_jobs(manifest_path: str | Path, base_config: TrainConfig, model: str) -
         if row["status"] == "ok" and row["job_key"]:
             by_key.setdefault(row["job_key"], []).append(row)
     jobs: dict[str, JobSpec] = {}
+    merged: list[dict] = []
     for members in by_key.values():
         first = members[0]
-        config = job_config(base_config, json.loads(first["overrides"] or "{}"), first["group"])
+        config = source.for_job(json.loads(first["overrides"] or "{}"), first["group"])
         hashes = [m["image_hash"] for m in members]
         sentences = [m["sentence"] for m in members]
         spec = JobSpec(
-            job_id=job_id(hashes, sentences, config, model), dataset=str(root),
+            job_id=job_id(hashes, sentences, config.job_hash(), model_hash(model)), dataset=str(root),
             rows=[m["row"] for m in members], images=[m["image"] for m in members], sentences=sentences,
             masks=[{x["token"]: x["path"] for x in m["masks"] or []} for m in members], group=first["group"],
             config=config, model=model, image_hashes=hashes, max_pixels=max_pixels)
         if spec.job_id in jobs:
-            warnings.warn(f"{spec.label} is the same work as {jobs[spec.job_id].label} under this config; "
-                          "it runs once", stacklevel=2)
+            merged += [{"row": r, "duplicate_of": list(jobs[spec.job_id].rows), "job_id": spec.job_id}
+                       for r in spec.rows]
             continue
         jobs[spec.job_id] = spec
-    return list(jobs.values())
+    return JobPlan(list(jobs.values()), merged, rejected_rows(manifest_path))
+
+
+def load_jobs(manifest_path: str | Path, source: ConfigSource | TrainConfig, model: str) -> list[JobSpec]:
+    """The jobs of `plan_jobs`."""
+    return plan_jobs(manifest_path, source, model).jobs
 
 
 def rejected_rows(manifest_path: str | Path) -> list[dict]:

@@ -15,16 +15,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcpl.errors import DatasetError
+
 TABLE_NAMES = ("rows.jsonl", "rows.csv")
 REQUIRED = ("image", "sentence")
 OPTIONAL = ("masks", "group", "overrides", "meta")
 COLUMNS = REQUIRED + OPTIONAL
 JSON_CELLS = ("masks", "overrides", "meta")  # CSV cells holding JSON
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
-
-
-class DatasetError(ValueError):
-    """The dataset as a whole cannot be read (no table, unreadable table, no rows)."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from mcpl.config import TrainConfig
-from mcpl.method.images import image_hash
+from mcpl.method.inputs import image_hash
 from mcpl.method.prompts import Sentence, SentenceError, check_against_vocab, parse_sentence, plan_prompts
 from mcpl.pipeline.data.files import DEFAULT_MAX_PIXELS, FileCheckError, load_image, load_mask, mask_pixels
 from mcpl.pipeline.data.table import DatasetError, RawRow, find_table, read_table
@@ -218,7 +218,7 @@ def validate_dataset(root: str | Path, manifest_path: str | Path | None = None, 
     table_path = find_table(root, table)
     parsed = read_table(table_path)
     if not model:
-        from mcpl.method.models import default_model
+        from mcpl.method.model_files import default_model
 
         model = default_model()
     vocab = Vocabulary(model)

@@ -3,169 +3,40 @@
 Every MLflow call goes through `Tracker`, which addresses runs by a local *key* (e.g.
 `batch-<id>`, `batch-<id>.job-<job_id>`) instead of a server run id. While MLflow answers,
 calls go straight through (with a few quick retries). When it does not, the call is
-appended to an on-disk spool (`<spool>/ops/<key>.jsonl`) and the tracker goes offline;
-every later call for that key is spooled too, so the order of a run's history is kept.
-`replay()` applies spooled calls in order once MLflow is back (a run created offline gets
-its real id then, and its children are re-parented through the key -> id map in
-`<spool>/ids/`). Artifacts are spooled by path: they are the job bundle's own files,
-which stay on disk. The spool is plain JSON lines, so any process that shares the folder
-(another worker, a later `mcpl registry build`) can replay it.
+appended to the on-disk spool (`<spool>/ops/<key>.jsonl`, mcpl.pipeline.tracking.spool)
+and the tracker goes offline; every later call for that key is spooled too, so the order
+of a run's history is kept. `replay()` applies spooled calls in order once MLflow is back
+(a run created offline gets its real id then, and its children are re-parented through
+the key -> id map). Artifacts are spooled by path: they are the job bundle's own files,
+which stay on disk.
 
 Nothing here imports Prefect: the flow, the CLI and tests all use the same tracker.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
-import re
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mcpl.pipeline.tracking.spool import Spool
+from mcpl.pipeline.tracking.store import (
+    DEFAULT_EXPERIMENT,
+    experiment_id,
+    is_permanent,
+    now_ms,
+    quick_http,
+    resolve_tracking_uri,
+)
+
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "mcpl"
-# Fail fast instead of MLflow's default 7 retries with exponential back-off (minutes per call):
-# the spool is our retry, so a dead server should cost seconds, not the batch's time.
-QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-# MLflow errors that a retry cannot fix: such a call is dropped (and counted), never spooled.
-PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST", "PERMISSION_DENIED",
-                   "UNAUTHENTICATED", "INVALID_STATE"}
 LOSS_KEYS = ("loss", "noise_loss", "cl_loss", "lr", "mask_fraction")
 
 
-def resolve_tracking_uri(uri: str | None = None, root: str | Path | None = None) -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else the embedded SQLite store `<root or cwd>/mlflow.db`."""
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(root) if root else Path.cwd()).resolve() / 'mlflow.db'}"
-
-
-def safe_key(text: str) -> str:
-    """A run key usable as a file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:200]
-
-
-def git_revision(repo: str | Path | None = None) -> str:
-    """`<sha>` or `<sha>-dirty` of the code that ran; `unknown` outside a git checkout."""
-    cwd = str(repo or Path(__file__).resolve().parent.parent)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty else sha
-
-
-def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
-    """Get or create the experiment. With a SQLite store the artifacts go beside the database
-    (`<db folder>/mlruns`), not into whatever folder the process happens to run in."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    uri = client.tracking_uri
-    if artifact_location is None and uri.startswith("sqlite:///"):
-        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / name).as_uri()
-    try:
-        return client.create_experiment(name, artifact_location)
-    except Exception as err:  # another process created it first
-        if not is_permanent(err):
-            raise
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def is_permanent(err: BaseException) -> bool:
-    code = getattr(err, "error_code", None)
-    return isinstance(code, str) and code in PERMANENT_CODES
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# ------------------------------------------------------------------------------ spool
-class Spool:
-    """Ordered per-key operation logs plus the key -> run id map, safe across processes."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        (self.root / "ops").mkdir(parents=True, exist_ok=True)
-        (self.root / "ids").mkdir(parents=True, exist_ok=True)
-
-    def _ops(self, key: str) -> Path:
-        return self.root / "ops" / f"{key}.jsonl"
-
-    def _cursor(self, key: str) -> Path:
-        return self.root / "ops" / f"{key}.done"
-
-    @contextmanager
-    def locked(self, key: str) -> Iterator[None]:
-        with open(self.root / "ops" / f"{key}.lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-    def append(self, key: str, op: dict) -> None:
-        with self.locked(key), open(self._ops(key), "a") as fh:
-            fh.write(json.dumps(op) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def pending(self, key: str) -> list[dict]:
-        """Ops of `key` not yet applied, in order."""
-        path = self._ops(key)
-        if not path.exists():
-            return []
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        cursor = self._cursor(key)
-        done = int(cursor.read_text() or 0) if cursor.exists() else 0
-        return lines[done:]
-
-    def mark_done(self, key: str, count: int) -> None:
-        """Record that `count` more ops of `key` were applied; drop the log once all are."""
-        cursor = self._cursor(key)
-        done = (int(cursor.read_text() or 0) if cursor.exists() else 0) + count
-        total = sum(1 for line in self._ops(key).read_text().splitlines() if line.strip())
-        if done >= total:
-            self._ops(key).unlink(missing_ok=True)
-            cursor.unlink(missing_ok=True)
-        else:
-            cursor.write_text(str(done))
-
-    def keys(self) -> list[str]:
-        """Keys with pending ops; batch (parent) keys sort before their jobs' keys."""
-        return sorted((p.stem for p in (self.root / "ops").glob("*.jsonl")), key=lambda k: (k.count("."), k))
-
-    def count(self) -> int:
-        return sum(len(self.pending(k)) for k in self.keys())
-
-    def run_id(self, key: str) -> str | None:
-        path = self.root / "ids" / key
-        return path.read_text().strip() or None if path.exists() else None
-
-    def set_run_id(self, key: str, run_id: str) -> None:
-        tmp = self.root / "ids" / f".{key}.{os.getpid()}"
-        tmp.write_text(run_id)
-        tmp.replace(self.root / "ids" / key)
-
-
-# ---------------------------------------------------------------------------- tracker
 @dataclass
 class TrackingStatus:
     """What happened to the logs: the batch summary reports it."""
@@ -201,8 +72,7 @@ class Tracker:
                  artifact_location: str | None = None) -> None:
         from mlflow import MlflowClient
 
-        for name, value in QUICK_HTTP.items():
-            os.environ.setdefault(name, value)
+        quick_http()
         self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.experiment = experiment
@@ -423,167 +293,3 @@ class MlflowCallback:
         self._last_flush = time.time()
         if rows:
             self.tracker.log_metric_rows(self.key, rows)
-
-
-# ------------------------------------------------------------------ job record -> run
-def flatten(prefix: str, value: Any) -> Iterable[tuple[str, Any]]:
-    """Nested dicts to dotted keys (`metrics.image_0.<dog>.iou`)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from flatten(f"{prefix}.{k}" if prefix else str(k), v)
-    else:
-        yield prefix, value
-
-
-def metric_name(name: str) -> str:
-    """MLflow metric names allow only alphanumerics, `_ - . / :` and spaces."""
-    return re.sub(r"[^A-Za-z0-9_\-./: ]", "", name)
-
-
-def job_params(record: dict) -> dict[str, Any]:
-    """Everything that defines the job, as flat params."""
-    params = {f"config.{k}": v for k, v in flatten("", record.get("config", {}))}
-    params.update({"base_model": record.get("base_model"), "strategy": record.get("strategy"),
-                   "job_id": record.get("job_id"), "learning_rate": record.get("learning_rate"),
-                   "attention_layers": ",".join(record.get("attention_layers", [])),
-                   "concepts": ",".join(c["token"] for c in record.get("concepts", [])),
-                   "images": ",".join(i.get("source", "") for i in record.get("images", []))})
-    for i, image in enumerate(record.get("images", [])):
-        params[f"sentence.{i}"] = image.get("sentence", "")
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def job_summary_metrics(record: dict) -> dict[str, float]:
-    """Timing, final loss and evaluation metrics of a finished job."""
-    out = {"final_loss": record.get("final_loss"), "train_seconds": record.get("train_seconds"),
-           "wall_seconds": record.get("wall_seconds"), "steps": record.get("steps")}
-    if record.get("train_seconds"):
-        out["steps_per_second"] = record["steps"] / record["train_seconds"]
-    for name, value in flatten("", record.get("metrics", {})):
-        out[metric_name(f"eval.{name}")] = value
-    return {k: float(v) for k, v in out.items() if _finite(v)}
-
-
-def job_lineage_tags(record: dict, extra: dict[str, Any] | None = None) -> dict[str, str]:
-    tags = {"mcpl.kind": "job", "mcpl.job_id": record.get("job_id", ""), "mcpl.strategy": record.get("strategy", ""),
-            "mcpl.base_model": record.get("base_model", ""), "mcpl.base_model_hash": record.get("base_model_hash", ""),
-            "mcpl.config_hash": record.get("config_hash", ""),
-            "mcpl.image_hashes": ",".join(i.get("hash", "") for i in record.get("images", [])),
-            "mcpl.git_rev": git_revision()}
-    tags.update({k: str(v) for k, v in (extra or {}).items()})
-    return {k: str(v) for k, v in tags.items()}
-
-
-def log_job_result(tracker: Tracker, key: str, record: dict, out_dir: str | Path,
-                   history_before: int | None = None) -> None:
-    """Params, summary metrics, lineage tags, the bundle's files and the loss curve's steps before
-    `history_before` (steps a resumed run trained in an earlier process; None: the whole curve)."""
-    out = Path(out_dir)
-    tracker.log_params(key, job_params(record))
-    tracker.set_tags(key, job_lineage_tags(record))
-    history = record.get("history", [])
-    end = history_before if history_before is not None else len(history) + 1
-    ts = now_ms()
-    rows = [[k, float(h[k]), ts, int(h["step"])] for h in history if int(h["step"]) < end
-            for k in LOSS_KEYS if k in h]
-    if rows:
-        tracker.log_metric_rows(key, rows)
-    tracker.log_metrics(key, job_summary_metrics(record), step=int(record.get("steps", 0)))
-    for name in ("job.json", "embeddings.safetensors"):
-        if (out / name).exists():
-            tracker.log_artifacts(key, out / name)
-    for folder in ("concepts", "attention", "samples"):
-        if (out / folder).is_dir():
-            tracker.log_artifacts(key, out / folder, folder)
-
-
-# ------------------------------------------------------------------- one tracked job
-def job_key(parent_key: str | None, job_id: str) -> str:
-    """A job's run key: under its batch, so a retry in the same batch continues the same run."""
-    return safe_key(f"{parent_key}.job-{job_id}" if parent_key else f"job-{job_id}")
-
-
-def dataset_hash(specs: Iterable[Any]) -> str:
-    """Content hash of the data a batch trains on (images' pixel hashes, sentences, masks)."""
-    import hashlib
-
-    items = sorted(json.dumps([list(s.images), list(s.image_hashes), list(s.sentences), s.masks, s.group],
-                              sort_keys=True) for s in specs)
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
-
-
-def run_tracked_job(spec: Any, out_root: str | Path, tracker: Tracker | None = None, parent_key: str | None = None,
-                    device: str | None = None, samples: int = 2, sample_steps: int = 25,
-                    callbacks: Iterable[Any] = (), skip_done: bool = True, progress: bool = False,
-                    extra_tags: dict[str, Any] | None = None) -> dict:
-    """Run one `JobSpec` into `<out_root>/jobs/<job_id>/` with its own MLflow run; raise if it fails.
-
-    Resumes from the bundle's checkpoints (so an orchestrator's retry continues), writes the
-    registry cards and `outcome.json` (read back by a parent that ran it elsewhere), and
-    logs the failure (tag, FAILED run, error.log) before re-raising.
-    """
-    import traceback
-    from dataclasses import asdict
-
-    from mcpl.method.checkpoint import list_checkpoints
-    from mcpl.pipeline.runner import fill_outcome, is_done, job_dir, new_outcome, train_one
-
-    out = job_dir(out_root, spec.job_id)
-    outcome = new_outcome(spec, out_root)
-    extra: dict[str, Any] = {"device": device or "", "resumed_from": 0, "run_id": None, "pid": os.getpid(),
-                             "worker": os.environ.get("MCPL_WORKER_NAME") or socket.gethostname()}
-    record = is_done(out, spec.job_id) if skip_done else None
-    if record is not None:
-        outcome.status = "skipped"
-        fill_outcome(outcome, record)
-        return _write_outcome(out, {**asdict(outcome), **extra})
-    checkpoints = list_checkpoints(out / "checkpoints")
-    extra["resumed_from"] = int(checkpoints[-1].name.split("_")[1]) if checkpoints else 0
-    key = job_key(parent_key, spec.job_id)
-    fresh = tracker is None or tracker.run_id(key) is None and not tracker.spool.pending(key)
-    cb = None
-    if tracker is not None:
-        tags = {"mcpl.kind": "job", "mcpl.job_id": spec.job_id, "mcpl.rows": ",".join(map(str, spec.rows)),
-                "mcpl.method.images": ",".join(spec.images), "mcpl.group": spec.group or "",
-                "mcpl.dataset": spec.dataset, "mcpl.dataset_hash": dataset_hash([spec]),
-                "mcpl.strategy": spec.config.strategy, "mcpl.device": device or "",
-                "mcpl.resume_checkpoint": extra["resumed_from"], **(extra_tags or {})}
-        tracker.start_run(key, f"job {spec.job_id[:8]} ({', '.join(spec.images)})",
-                          {k: str(v) for k, v in tags.items()}, parent=parent_key)
-        cb = MlflowCallback(tracker, key)
-    started = time.time()
-    try:
-        record = train_one(spec, out, [*([cb] if cb else []), *callbacks], device, samples, sample_steps, progress)
-    except Exception as err:
-        outcome.seconds = round(time.time() - started, 2)
-        outcome.error = f"{type(err).__name__}: {err}"
-        if not any(Path(i).name in str(err) for i in spec.images):  # say which input, if the error does not
-            outcome.error += f" [{spec.label}: {', '.join(spec.images)}]"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "error.log").write_text(traceback.format_exc())
-        if tracker is not None and cb is not None:
-            cb.flush()
-            tracker.set_tags(key, {"mcpl.error": outcome.error[:5000]})
-            tracker.log_artifacts(key, out / "error.log")
-            tracker.end_run(key, "FAILED")
-            extra["run_id"] = tracker.run_id(key)
-        _write_outcome(out, {**asdict(outcome), **extra})
-        raise
-    outcome.status, outcome.seconds = "done", round(time.time() - started, 2)
-    fill_outcome(outcome, record)
-    if tracker is not None and cb is not None:
-        cb.flush()
-        before = (cb.first_step or 1) if fresh else 0
-        log_job_result(tracker, key, record, out, history_before=before)
-        tracker.end_run(key, "FINISHED")
-        extra["run_id"] = tracker.run_id(key)
-    extra["first_step"] = cb.first_step if cb else None
-    return _write_outcome(out, {**asdict(outcome), **extra})
-
-
-def _write_outcome(out: Path, data: dict) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".outcome.{os.getpid()}.{threading.get_ident()}"
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(out / "outcome.json")
-    return data

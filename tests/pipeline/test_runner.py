@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 
-from data_helpers import SENTENCE, add_good_files, write_jsonl
+from helpers.data import SENTENCE, add_good_files, write_jsonl
 
 from mcpl.cli import main
-from mcpl.config import TrainConfig
+from mcpl.config import RunOptions, TrainConfig
 from mcpl.pipeline.data import load_jobs, rejected_rows, validate_dataset
-from mcpl.pipeline.runner import run_batch
+from mcpl.pipeline.runner import Observer, run_batch
 
 FAST = TrainConfig(steps=2, batch_size=2, map_timesteps=2, checkpoint_every=1)
 
@@ -42,13 +42,14 @@ def test_batch_partial_rerun(tmp_path, tiny_model):
     os.remove(root / "images" / "b.png")  # jobs 2 and 3 now fail when they load their image
     counters = []
 
-    def factory(spec):
-        counters.append(Counter())
-        return [counters[-1]]
+    class Counting(Observer):  # the runner hands each job the callbacks its observers return
+        def job_started(self, job):
+            counters.append(Counter())
+            return [counters[-1]]
 
     out = tmp_path / "batch"
-    first = run_batch(jobs, out, callbacks_factory=factory, progress=False, samples=0,
-                      rejected=rejected_rows(report.manifest))
+    quiet = RunOptions(progress=False, samples=0)
+    first = run_batch(jobs, out, quiet, [Counting()], rejected=rejected_rows(report.manifest))
     assert [j.status for j in first.jobs] == ["done", "failed", "failed"]
     assert counters[0].steps == 2
     assert "file not found" in first.jobs[1].error and (out / "jobs" / jobs[1].job_id / "error.log").exists()
@@ -61,12 +62,12 @@ def test_batch_partial_rerun(tmp_path, tiny_model):
     stamp = record.stat().st_mtime_ns
 
     add_good_files(root, "b")  # fixed: the rerun trains only the failed jobs
-    second = run_batch(jobs, out, callbacks_factory=factory, progress=False, samples=0, keep_checkpoints=False)
+    second = run_batch(jobs, out, quiet.model_copy(update={"keep_checkpoints": False}), [Counting()])
     assert [j.status for j in second.jobs] == ["skipped", "done", "done"]
     assert record.stat().st_mtime_ns == stamp and len(counters) == 5  # not called for the skipped job
     assert not (out / "jobs" / jobs[1].job_id / "error.log").exists()
     assert not (out / "jobs" / jobs[1].job_id / "checkpoints").exists()
-    third = run_batch(jobs, out, progress=False, samples=0)
+    third = run_batch(jobs, out, quiet)
     assert [j.status for j in third.jobs] == ["skipped"] * 3 and third.ok
 
 

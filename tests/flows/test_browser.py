@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from orch_helpers import jobs_for, write_dataset
+from helpers.servers import jobs_for, write_dataset
 
-pytest_plugins = ("orch_fixtures",)
+pytest_plugins = ("helpers.server_fixtures",)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -29,15 +29,20 @@ pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(DRIVER).ex
 @pytest.fixture(scope="module")
 def published_kite(tmp_path_factory, tiny_model, mlflow_server):
     """One job tracked on the test MLflow server and published to its registry."""
-    from mcpl.pipeline.registry.publish import concept_cards, publish
-    from mcpl.pipeline.tracking.tracker import Tracker, run_tracked_job
+    from mcpl.config import RunOptions
+    from mcpl.job.cards import concept_cards
+    from mcpl.pipeline.registry.publish import publish
+    from mcpl.pipeline.runner import run_one
+    from mcpl.pipeline.tracking.observer import MlflowObserver
+    from mcpl.pipeline.tracking.tracker import Tracker
 
     tmp = tmp_path_factory.mktemp("web")
     root = write_dataset(tmp / "web", [{"image": "k.png", "colours": ("blue", "yellow"),
                                         "sentence": "a photo of a <kite|object> and a <sky|thing>"}])
     job = jobs_for(root, tiny_model)[0]
     tracker = Tracker(mlflow_server.uri, tmp / "spool", "browser")
-    outcome = run_tracked_job(job, tmp / "out", tracker, None, samples=1, sample_steps=2)
+    outcome = run_one(job, tmp / "out", RunOptions(samples=1, sample_steps=2, progress=False),
+                      [MlflowObserver(tracker)]).to_dict()
     publish(concept_cards(tmp / "out" / outcome["out_dir"]), mlflow_server.uri, "browser",
             {job.job_id: outcome["run_id"]}, snapshot=False)
     return outcome

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from orch_helpers import jobs_for, write_dataset
+from helpers.servers import jobs_for, write_dataset
 from safetensors import safe_open
 
-pytest_plugins = ("orch_fixtures",)
+pytest_plugins = ("helpers.server_fixtures",)
 
 SENTENCE = "a photo of a <dog|dog> on a <board|board>"
 
@@ -17,7 +17,8 @@ SENTENCE = "a photo of a <dog|dog> on a <board|board>"
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_model):
     """Two images that both learned <dog> and <board> (dataset `pets`), trained without tracking."""
-    from mcpl.pipeline.tracking.tracker import run_tracked_job
+    from mcpl.config import RunOptions
+    from mcpl.pipeline.runner import run_one
 
     tmp = tmp_path_factory.mktemp("reg")
     root = write_dataset(tmp / "pets", [
@@ -25,13 +26,14 @@ def bundles(tmp_path_factory, tiny_model):
         {"image": "b.png", "colours": ("green", "yellow"), "sentence": SENTENCE}])
     jobs = jobs_for(root, tiny_model)
     for job in jobs:
-        run_tracked_job(job, tmp / "out", None, samples=1, sample_steps=2)
+        run_one(job, tmp / "out", RunOptions(samples=1, sample_steps=2, progress=False))
     return {"out": tmp / "out", "jobs": jobs, "root": root, "tmp": tmp, "model": tiny_model}
 
 
 @pytest.fixture(scope="module")
 def published(bundles):
-    from mcpl.pipeline.registry.publish import client_for, publish_bundles
+    from mcpl.pipeline.registry.publish import publish_bundles
+    from mcpl.pipeline.tracking.store import client_for
 
     uri = f"sqlite:///{bundles['tmp'] / 'mlflow.db'}"
     report = publish_bundles(bundles["out"], uri)
@@ -54,7 +56,8 @@ def test_names_are_unique_and_readable(published):
 
 
 def test_republishing_adds_no_versions(published):
-    from mcpl.pipeline.registry.publish import SNAPSHOT_MODEL, publish_bundles
+    from mcpl.pipeline.registry.publish import publish_bundles
+    from mcpl.pipeline.registry.refs import SNAPSHOT_MODEL
 
     before = published["report"].snapshot_version
     again = publish_bundles(published["out"], published["uri"])
@@ -65,7 +68,8 @@ def test_republishing_adds_no_versions(published):
 
 def test_snapshot_holds_every_version_with_vectors(published):
     from mcpl.concepts.embeddings import load_concept
-    from mcpl.pipeline.registry.publish import SNAPSHOT_FILE, SNAPSHOT_MODEL, download_version, read_snapshot, resolve
+    from mcpl.pipeline.registry.refs import SNAPSHOT_MODEL, download_version, resolve
+    from mcpl.pipeline.registry.snapshot import SNAPSHOT_FILE, read_snapshot
 
     client = published["client"]
     name, version = resolve(client, f"models:/{SNAPSHOT_MODEL}@latest")
@@ -80,14 +84,16 @@ def test_snapshot_holds_every_version_with_vectors(published):
 
 def test_new_training_is_a_new_version(published):
     """Same image, another config: a new version of the same concepts, aliases and snapshot move."""
-    from orch_helpers import jobs_for as jobs
+    from helpers.servers import jobs_for as jobs
 
-    from mcpl.pipeline.registry.publish import SNAPSHOT_MODEL, publish_bundles, resolve
-    from mcpl.pipeline.tracking.tracker import run_tracked_job
+    from mcpl.config import RunOptions
+    from mcpl.pipeline.registry.publish import publish_bundles
+    from mcpl.pipeline.registry.refs import SNAPSHOT_MODEL, resolve
+    from mcpl.pipeline.runner import run_one
 
     job = [j for j in jobs(published["root"], published["model"], published["tmp"] / "m2.parquet", steps=6)
            if j.images == ["images/a.png"]][0]
-    run_tracked_job(job, published["tmp"] / "out2", None, samples=0)
+    run_one(job, published["tmp"] / "out2", RunOptions(samples=0, progress=False))
     report = publish_bundles(published["tmp"] / "out2", published["uri"])
     assert sorted(report.created) == [("pets.images-a.board", "2"), ("pets.images-a.dog", "2")]
     client = published["client"]
@@ -100,7 +106,7 @@ def test_new_training_is_a_new_version(published):
 def test_two_dogs_load_into_one_pipeline_with_their_own_tokens(published):
     from mcpl.concepts.embeddings import load_concept
     from mcpl.concepts.generate import generate, load_concepts, load_pipeline
-    from mcpl.pipeline.registry.publish import load_into_pipeline
+    from mcpl.pipeline.registry.refs import load_into_pipeline
 
     pipe = load_pipeline(published["model"], "cpu")
     loaded = load_into_pipeline(pipe, ["pets.images-a.dog/1", "models:/pets.images-b.dog@latest",
@@ -119,7 +125,8 @@ def test_two_dogs_load_into_one_pipeline_with_their_own_tokens(published):
 
 
 def test_name_collision_between_different_images_gets_a_suffix(published):
-    from mcpl.pipeline.registry.publish import concept_cards, publish
+    from mcpl.job.cards import concept_cards
+    from mcpl.pipeline.registry.publish import publish
 
     job = next(j for j in published["jobs"] if j.images == ["images/b.png"])
     card = next(c for c in concept_cards(published["out"] / "jobs" / job.job_id) if c.concept == "dog")
@@ -130,7 +137,7 @@ def test_name_collision_between_different_images_gets_a_suffix(published):
 
 def test_export_formats(published, tmp_path):
     from mcpl.concepts.generate import load_pipeline
-    from mcpl.pipeline.registry.publish import export
+    from mcpl.pipeline.registry.refs import export
 
     path = export("pets.images-a.dog@one", tmp_path / "d", "diffusers", uri=published["uri"])
     assert path.name == "pets.images-a.dog.safetensors"
@@ -163,7 +170,10 @@ def test_cli_list_show_export(published, tmp_path, capsys):
 
 
 def test_a_batch_folder_publishes_only_the_jobs_of_its_latest_run(tmp_path):
-    from mcpl.pipeline.registry.publish import find_job_dirs
+    from mcpl.job.bundle import find_bundles
+
+    def find_job_dirs(root):
+        return [b.path for b in find_bundles(root)]
 
     for job in ("old", "new", "failed"):
         (tmp_path / "jobs" / job).mkdir(parents=True)

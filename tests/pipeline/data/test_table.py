@@ -7,7 +7,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from data_helpers import (
+from helpers.data import (
     SENTENCE,
     add_good_files,
     assert_good_row_is_a_job,

@@ -7,10 +7,11 @@ import os
 import shutil
 
 import pytest
-from data_helpers import add_good_files, scene, write_jsonl
+from helpers.data import add_good_files, scene, write_jsonl
 
 from mcpl.config import TrainConfig
-from mcpl.job.run import job_id
+from mcpl.job.bundle import job_id
+from mcpl.method.model_files import model_hash
 from mcpl.pipeline.data import FileCheckError, JobSpec, StaleInputError, load_jobs, validate_dataset
 
 
@@ -35,8 +36,8 @@ def test_job_ids_are_stable_and_content_based(tmp_path, tiny_model):
     os.rename(b / "images" / "good.png", b / "images" / "renamed.png")
     moved = [{**good, "image": "images/renamed.png"}, {**single, "image": "images/renamed.png"}]
     assert [j.job_id for j in jobs_of(b, tiny_model, rows=moved)] == [first.job_id, second.job_id]
-    # the id is mcpl.job.job_id over content + config + model
-    assert first.job_id == job_id(first.image_hashes, first.sentences, first.config, tiny_model)
+    # the id is mcpl.job.bundle.job_id over content + config + model
+    assert first.job_id == job_id(first.image_hashes, first.sentences, first.config.job_hash(), model_hash(tiny_model))
     # a changed sentence, image or config changes the id; bookkeeping fields do not
     changed = jobs_of(a, tiny_model, rows=[good, {**single, "sentence": "a <k|object>"}])
     assert changed[0].job_id == first.job_id and changed[1].job_id != second.job_id

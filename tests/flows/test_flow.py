@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from orch_helpers import BIN, REPO, stop_process, write_dataset
+from helpers.servers import BIN, REPO, stop_process, write_dataset
 
-pytest_plugins = ("orch_fixtures",)
+pytest_plugins = ("helpers.server_fixtures",)
 
 FAST_PARAMS = {"steps": 4, "samples": 1, "sample_steps": 2, "threads": 1,
                "overrides": {"batch_size": 2, "checkpoint_every": 2, "map_timesteps": 2}}

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from mcpl.cli import COMMANDS
-from mcpl.method.models import build_tiny_model
+from mcpl.method.tiny import build_tiny_model
+from mcpl.provenance import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "data/.gitignore",
          "mcpl/pipeline/data/example.py",
          "mcpl/toyworld/dataset.py", "mcpl/toyworld/render.py")

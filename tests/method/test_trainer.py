@@ -6,23 +6,25 @@ import warnings
 
 import pytest
 import torch
-from conftest import two_square_image
+from helpers.images import two_square_image
 
 from mcpl.config import TrainConfig
+from mcpl.errors import ModelLoadError
 from mcpl.method.attention import AttentionStore, cross_attention_layers, install_capture, select_layers, union_mask
+from mcpl.method.inputs import JobInput
 from mcpl.method.learned import frozen_table, initializer_embedding
 from mcpl.method.losses import prompt_contrastive_loss
-from mcpl.method.models import ModelLoadError, load_components
+from mcpl.method.models import load_components
 from mcpl.method.prompts import SentenceError
-from mcpl.method.trainer import JobInput, MCPLTrainer
+from mcpl.method.trainer import MCPLTrainer
 
 TWO = "a photo of a red <c1|object|red> and a blue <c2|thing|blue>"
 
 
-def make_trainer(model: str, config: TrainConfig, sentences=(TWO,), out_dir=None, images=None) -> MCPLTrainer:
+def make_trainer(model: str, config: TrainConfig, sentences=(TWO,), checkpoint_dir=None, images=None) -> MCPLTrainer:
     images = images or [two_square_image()] * len(sentences)
     inputs = [JobInput.from_text(img, s) for img, s in zip(images, sentences, strict=True)]
-    return MCPLTrainer(load_components(model), inputs, config, out_dir=out_dir, progress=False)
+    return MCPLTrainer(load_components(model), inputs, config, checkpoint_dir=checkpoint_dir, progress=False)
 
 
 def test_only_the_new_rows_change(tiny_model):
@@ -204,10 +206,10 @@ def test_running_mask_source_averages_over_steps(tiny_model):
 
 def test_resume_equals_uninterrupted(tiny_model, tmp_path):
     config = TrainConfig.full_mcpl(steps=6, checkpoint_every=2, mask_source="running", batch_size=2)
-    straight = make_trainer(tiny_model, config, out_dir=tmp_path / "a").train()
-    first = make_trainer(tiny_model, config, out_dir=tmp_path / "b")
+    straight = make_trainer(tiny_model, config, checkpoint_dir=tmp_path / "a").train()
+    first = make_trainer(tiny_model, config, checkpoint_dir=tmp_path / "b")
     first.train(max_steps=3)  # stops after step 3; newest checkpoint is step 2
-    resumed = make_trainer(tiny_model, config, out_dir=tmp_path / "b")
+    resumed = make_trainer(tiny_model, config, checkpoint_dir=tmp_path / "b")
     steps_seen = []
 
     class Recorder:
@@ -225,9 +227,9 @@ def test_resume_equals_uninterrupted(tiny_model, tmp_path):
 
 
 def test_resume_refuses_checkpoints_of_another_job(tiny_model, tmp_path):
-    make_trainer(tiny_model, TrainConfig(steps=2, checkpoint_every=1), out_dir=tmp_path).train()
+    make_trainer(tiny_model, TrainConfig(steps=2, checkpoint_every=1), checkpoint_dir=tmp_path).train()
     with pytest.raises(RuntimeError, match="different job"):
-        make_trainer(tiny_model, TrainConfig(steps=2, checkpoint_every=1, seed=5), out_dir=tmp_path).train()
+        make_trainer(tiny_model, TrainConfig(steps=2, checkpoint_every=1, seed=5), checkpoint_dir=tmp_path).train()
 
 
 def test_v_prediction_target(tiny_model):
@@ -291,7 +293,7 @@ def test_model_hints_set_learning_rate_and_templates_unless_config_overrides(tin
     import json
     import shutil
 
-    from mcpl.method.models import HINTS_FILE
+    from mcpl.method.model_files import HINTS_FILE
 
     hinted = tmp_path / "hinted"
     shutil.copytree(tiny_model, hinted)

@@ -10,8 +10,9 @@ import pytest
 from mcpl.config import TrainConfig
 from mcpl.pipeline.data import load_jobs, validate_dataset
 from mcpl.pipeline.data.example import write_example
+from mcpl.provenance import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def files(root: Path) -> dict[str, bytes]:

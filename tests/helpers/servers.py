@@ -1,6 +1,6 @@
 """Helpers of the orchestration tests: server processes on 127.0.0.1, small datasets.
 
-The fixtures that use them are in orch_fixtures.py (a pytest plugin).
+The fixtures that use them are in helpers/server_fixtures.py (a pytest plugin).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from mcpl.provenance import REPO_ROOT
+
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
              "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "MLFLOW_ENABLE_TELEMETRY": "false",
              "PREFECT_LOGGING_LEVEL": "WARNING"}

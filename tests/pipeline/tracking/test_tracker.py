@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from orch_helpers import FAST, free_port, jobs_for, write_dataset
+from helpers.servers import FAST, free_port, jobs_for, write_dataset
 
-pytest_plugins = ("orch_fixtures",)
+pytest_plugins = ("helpers.server_fixtures",)
 
 
 def client(uri: str):
@@ -30,7 +30,7 @@ def one_job(tmp_path_factory, tiny_model):
 
 
 def test_resolve_tracking_uri_precedence(monkeypatch, tmp_path):
-    from mcpl.pipeline.tracking.tracker import resolve_tracking_uri
+    from mcpl.pipeline.tracking.store import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
@@ -40,7 +40,7 @@ def test_resolve_tracking_uri_precedence(monkeypatch, tmp_path):
 
 
 def test_spool_keeps_order_and_cursor(tmp_path):
-    from mcpl.pipeline.tracking.tracker import Spool
+    from mcpl.pipeline.tracking.spool import Spool
 
     spool = Spool(tmp_path)
     for i in range(3):
@@ -116,21 +116,30 @@ def test_tracked_job_retry_resumes_and_logs_one_curve(tmp_path, one_job):
     """A crashed job's second attempt continues from its checkpoint in the same MLflow run."""
     from mlflow.entities import RunStatus
 
-    from mcpl.pipeline.tracking.tracker import Tracker, run_tracked_job
+    from mcpl.config import RunOptions
+    from mcpl.pipeline.runner import Observer, run_one
+    from mcpl.pipeline.tracking.observer import MlflowObserver
+    from mcpl.pipeline.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracker = Tracker(uri, tmp_path / "spool")
     tracker.start_run("batch-x", "batch")
     crash = Crash()
-    with pytest.raises(RuntimeError, match="crash at step 3"):
-        run_tracked_job(one_job, tmp_path / "out", tracker, "batch-x", samples=1, sample_steps=2, callbacks=[crash])
+
+    class Crashing(Observer):
+        def job_started(self, job):
+            return [crash]
+
+    options = RunOptions(samples=1, sample_steps=2, progress=False)
+    observers = [Crashing(), MlflowObserver(tracker, "batch-x")]
+    attempt = run_one(one_job, tmp_path / "out", options, observers)
+    assert attempt.status == "failed" and "crash at step 3" in attempt.error
     failed = json.loads((tmp_path / "out" / "jobs" / one_job.job_id / "outcome.json").read_text())
     assert failed["status"] == "failed" and "crash at step 3" in failed["error"]
     job_run = client(uri).get_run(failed["run_id"])
     assert RunStatus.from_string(job_run.info.status) == RunStatus.FAILED
 
-    outcome = run_tracked_job(one_job, tmp_path / "out", tracker, "batch-x", samples=1, sample_steps=2,
-                              callbacks=[crash])
+    outcome = run_one(one_job, tmp_path / "out", options, observers).to_dict()
     assert outcome["status"] == "done" and outcome["resumed_from"] == 2 and outcome["first_step"] == 3
     assert outcome["run_id"] == failed["run_id"]  # the retry continues the same run
     run = client(uri).get_run(outcome["run_id"])
@@ -143,5 +152,5 @@ def test_tracked_job_retry_resumes_and_logs_one_curve(tmp_path, one_job):
     assert Path(tmp_path / "out" / "jobs" / one_job.job_id / "spec.json").exists()
     assert tracker.finish().pending == 0
 
-    skipped = run_tracked_job(one_job, tmp_path / "out", tracker, "batch-y")
-    assert skipped["status"] == "skipped"
+    skipped = run_one(one_job, tmp_path / "out", options, [MlflowObserver(tracker, "batch-y")])
+    assert skipped.status == "skipped"

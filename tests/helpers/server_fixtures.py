@@ -1,6 +1,6 @@
 """Pytest plugin: real Prefect and MLflow servers on 127.0.0.1, once per session.
 
-Test modules opt in with `pytest_plugins = ("orch_fixtures",)`. Each server gets a free
+Test modules opt in with `pytest_plugins = ("helpers.server_fixtures",)`. Each server gets a free
 port and a temporary store, starts on first use, and is stopped at the end of the session.
 `mlflow_server.stop()` / `.start()` let a test take MLflow down and bring it back on the
 same port and store.
@@ -12,7 +12,8 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from orch_helpers import MlflowServer, PrefectServer
+
+from helpers.servers import MlflowServer, PrefectServer
 
 
 @pytest.fixture(scope="session")

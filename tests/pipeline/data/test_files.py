@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import (
+from helpers.data import (
     BOX1,
     BOX2,
     SENTENCE,

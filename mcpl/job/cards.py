@@ -1,0 +1,141 @@
+"""Concept cards: each learned concept of a finished bundle, described as the registry shows it.
+
+A card's folder (`concepts/<name>/`) is self-describing: the embedding, `concept.json`,
+the concept's own attention overlay and a sample generation. Names are
+`<dataset>.<source>.<concept>`: the dataset folder's name, the image path relative to it
+without extension (`/` -> `-`) or the MCPL-diverse group's name, and the concept's name
+(`dog` for `<dog>`), e.g. `example.images-scene_0.circle`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mcpl.concepts.embeddings import EMBEDS_FILE
+from mcpl.job.bundle import CARD_FILE, OVERLAY_FILE, SAMPLE_FILE, Bundle, write_json
+
+REGULARISERS = ("attn_mask", "prompt_cl", "bind_adj")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def registry_name(dataset: str, source: str, concept: str) -> str:
+    """`<dataset>.<source>.<concept>`, each part reduced to letters, digits, `_` and `-`."""
+    return ".".join(_slug(p) for p in (dataset, re.sub(r"\.[A-Za-z0-9]+$", "", source).replace("/", "-"), concept))
+
+
+def method_label(config: dict) -> str:
+    """Which regularisers trained a concept: `plain`, `full`, or e.g. `attn_mask+prompt_cl`."""
+    on = [r for r in REGULARISERS if config.get(r)]
+    return "plain" if not on else "full" if len(on) == len(REGULARISERS) else "+".join(on)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class ConceptCard:
+    """One learned concept of one job bundle, with everything the registry shows about it."""
+
+    name: str
+    token: str
+    concept: str
+    job_id: str
+    folder: Path  # <job>/concepts/<concept>/
+    sha256: str
+    dataset: str
+    source: str
+    source_key: str  # hash of the training images: a name means one set of images
+    images: list[str]
+    sentences: list[str]
+    initializer: str
+    adjective: str
+    strategy: str
+    base_model: str
+    base_model_hash: str
+    config_hash: str
+    steps: int
+    method: str = "plain"  # which regularisers were on (method_label)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def file(self) -> Path:
+        return self.folder / EMBEDS_FILE
+
+    def tags(self) -> dict[str, str]:
+        """Version tags (plain keys, so the MLflow UI search `tags.concept = 'dog'` works)."""
+        tags = {"token": self.token, "concept": self.concept, "dataset": self.dataset, "source": self.source,
+                "source_image": ",".join(self.images), "sentence": " | ".join(self.sentences),
+                "initializer": self.initializer, "adjective": self.adjective, "strategy": self.strategy,
+                "method": self.method, "base_model": self.base_model, "base_model_hash": self.base_model_hash,
+                "config_hash": self.config_hash, "job_id": self.job_id, "sha256": self.sha256,
+                "steps": str(self.steps)}
+        tags.update({f"metric.{k}": f"{v:.6g}" for k, v in self.metrics.items()})
+        return tags
+
+    def model_tags(self) -> dict[str, str]:
+        return {"kind": "mcpl-concept", "token": self.token, "concept": self.concept, "dataset": self.dataset,
+                "source": self.source, "source_key": self.source_key}
+
+    def description(self) -> str:
+        """Markdown (the MLflow UI renders it): code spans keep `<token>` visible."""
+        sentences = "; ".join(f"`{s}`" for s in self.sentences)
+        return (f"Concept `{self.token}` learned from {', '.join(self.images)} (dataset {self.dataset}, strategy "
+                f"{self.strategy}, {self.method}): {sentences}. Load it with `mcpl registry load {self.name}` or "
+                f"`models:/{self.name}@latest`.")
+
+    def to_dict(self) -> dict:
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        data["folder"] = f"concepts/{self.concept}"
+        return data
+
+
+def concept_cards(bundle: Bundle | str | Path) -> list[ConceptCard]:
+    """Read a finished bundle and write each concept's card files next to its embedding.
+
+    `concepts/<name>/` gets `concept.json` and `sample.png` (a generation); its own
+    `overlay.png` is written by the job. Idempotent. Every path read from the bundle's
+    records is resolved inside the bundle.
+    """
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    record, spec = bundle.record(), bundle.spec()
+    dataset = Path(spec["dataset"]).name if spec.get("dataset") else "adhoc"
+    images = [i.source or i.hash for i in record.images]
+    source = spec.get("group") or (images[0] if len(images) == 1 else "group-" + record.job_id[:8])
+    source_key = hashlib.sha256(",".join(sorted(i.hash for i in record.images)).encode()).hexdigest()[:12]
+    cards = []
+    for c in record.concepts:
+        embeds = bundle.file(c.file)
+        folder = embeds.parent
+        shown = record.images_of(c)
+        if not (folder / OVERLAY_FILE).exists():  # bundles written before concepts had their own overlay
+            overlay = bundle.file(shown[0].overlay)
+            if overlay.is_file():
+                shutil.copyfile(overlay, folder / OVERLAY_FILE)
+        sample_rel = record.samples.get(c.name, {}).get("file")
+        if sample_rel and bundle.file(sample_rel).is_file():
+            shutil.copyfile(bundle.file(sample_rel), folder / SAMPLE_FILE)
+        metrics = {}
+        for image_key, per_token in record.metrics.items():
+            values = per_token.get(c.token) if isinstance(per_token, dict) else None
+            for metric, value in (values or {}).items():
+                if isinstance(value, int | float):
+                    metrics[f"{image_key}.{metric}"] = float(value)
+        metrics["final_loss"] = float(record.final_loss)
+        card = ConceptCard(
+            name=registry_name(dataset, source, c.name), token=c.token, concept=c.name, job_id=record.job_id,
+            folder=folder, sha256=file_sha256(embeds), dataset=dataset, source=source, source_key=source_key,
+            images=[i.source or i.hash for i in shown], sentences=[i.sentence for i in shown],
+            initializer=c.initializer or "", adjective=c.adjective or "", strategy=record.strategy,
+            base_model=record.base_model, base_model_hash=record.base_model_hash, config_hash=record.config_hash,
+            steps=int(record.steps), method=method_label(record.config), metrics=metrics)
+        write_json(folder / CARD_FILE, card.to_dict())
+        cards.append(card)
+    return cards
