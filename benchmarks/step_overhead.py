@@ -4,14 +4,16 @@ Median ms/step, same process, same model, same batch, for:
   bare     a frozen-UNet forward + backward with one trainable embedding row (reference)
   one      MCPL-one: one row per concept, no regularisers
   full     MCPL-one + AttnMask + PromptCL + Bind adj
-on the tiny test model and on a UNet / text encoder with Stable Diffusion 1.5's published
-architecture and random weights (speed does not depend on the weights).
+on the tiny test model and on Stable Diffusion 1.5's, SDXL's and LDM-256's published
+architectures with random weights (benchmarks/architectures.py; speed does not depend on
+the weights).
 Variants share the frozen modules and alternate step by step (each step re-activates its
 variant's embedding module and attention processors, untimed), so a busy machine slows all
 three alike and the ratios stay meaningful.
 
-    python benchmarks/step_overhead.py                  # both models, writes benchmarks/results/step_overhead.json
-    python benchmarks/step_overhead.py --models tiny --steps 20
+    python benchmarks/step_overhead.py                  # every model, writes benchmarks/results/step_overhead.json
+    python benchmarks/step_overhead.py --models tiny,sdxl:512 --steps 20
+    python benchmarks/step_overhead.py --device cuda --models sd15:512,sdxl:1024 [--gradient-checkpointing]
 Target: full <= 1.10 x bare.
 """
 
@@ -19,49 +21,33 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from architectures import BUILDERS  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from mcpl.config import TrainConfig  # noqa: E402
-from mcpl.method.inputs import JobInput
-from mcpl.method.learned import LearnedTokenEmbedding  # noqa: E402
-from mcpl.method.models import Components, load_components  # noqa: E402
-from mcpl.method.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from mcpl.method.families import Components  # noqa: E402
+from mcpl.method.inputs import JobInput  # noqa: E402
+from mcpl.method.learned import attached, learned_rows  # noqa: E402
+from mcpl.method.prompts import parse_sentence, plan_prompts  # noqa: E402
 from mcpl.method.trainer import MCPLTrainer  # noqa: E402
 
 SENTENCE = "a photo of a red <c1|object|red> and a blue <c2|thing|blue>"
 OUT = Path(__file__).parent / "results" / "step_overhead.json"
-
-
-def sd15_components(device: torch.device) -> Components:
-    """SD 1.5's UNet/text-encoder/VAE architecture with random weights (no download possible)."""
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer(Path(tempfile.mkdtemp()) / "tok", max_length=77)
-    # the vocabulary is the small test tokenizer's (embedding size does not change step time)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12,
-                                                max_position_embeddings=77, hidden_act="quick_gelu",
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    for m in (text_encoder, unet, vae):
-        m.requires_grad_(False).eval().to(device)
-    return Components("sd15-architecture-random", tokenizer, text_encoder, unet, vae, scheduler, device,
-                      torch.float32, {})
+DEFAULT_RESOLUTION = {"tiny": 16, "sd15": 256, "sdxl": 512, "ldm256": 256}
+DEFAULT_BATCH = {"tiny": 4, "sd15": 1, "sdxl": 1, "ldm256": 1}
 
 
 class Fresh:
@@ -69,35 +55,38 @@ class Fresh:
 
     def __init__(self, components: Components) -> None:
         self.base = components
-        self.embedding = components.text_encoder.get_input_embeddings()
-        self.tokenizer = copy.deepcopy(components.tokenizer)
+        self.embeddings = [s.encoder.get_input_embeddings() for s in components.stacks]
+        self.tokenizers = [copy.deepcopy(s.tokenizer) for s in components.stacks]
 
     def __call__(self) -> Components:
         c = self.base
-        c.text_encoder.set_input_embeddings(self.embedding)
+        for stack, embedding in zip(c.stacks, self.embeddings, strict=True):
+            stack.encoder.set_input_embeddings(embedding)
         c.unet.set_attn_processor(AttnProcessor2_0())
-        return Components(c.name, copy.deepcopy(self.tokenizer), c.text_encoder, c.unet, c.vae, c.scheduler,
-                          c.device, c.dtype, c.hints)
+        stacks = [dataclasses.replace(s, tokenizer=copy.deepcopy(t)) for s, t in zip(c.stacks, self.tokenizers,
+                                                                                     strict=True)]
+        return dataclasses.replace(c, stacks=stacks)
 
 
-def bare_step_fn(components: Components, batch: int):
-    """Textual inversion reduced to its core: one new row, default attention, MSE, AdamW."""
+def bare_step_fn(components: Components, batch: int, resolution: int):
+    """Textual inversion reduced to its core: one new row per text encoder, default attention, MSE, AdamW."""
     c = components
-    c.tokenizer.add_tokens(["<bare>"])
-    base = c.text_encoder.get_input_embeddings()
-    module = LearnedTokenEmbedding(base, len(c.tokenizer) - 1, base.weight[:1].detach())
-    c.text_encoder.set_input_embeddings(module)
-    optimizer = torch.optim.AdamW([module.rows], lr=1e-3, weight_decay=0.0)
-    ids = c.tokenizer(["a photo of <bare>"] * batch, padding="max_length", max_length=c.tokenizer.model_max_length,
-                      return_tensors="pt").input_ids.to(c.device)
-    side = c.default_resolution // c.vae_factor
-    latents = torch.randn(batch, 4, side, side, device=c.device)
+    plan = plan_prompts([parse_sentence("a photo of <bare|object>")], "one", use_templates=False)
+    rows = [learned_rows(s, plan) for s in c.stacks]
+    optimizer = torch.optim.AdamW([r.rows for r in rows], lr=1e-3, weight_decay=0.0)
+    ids = [s.tokenizer(["a photo of <bare>"] * batch, padding="max_length", max_length=s.length,
+                       return_tensors="pt").input_ids.to(c.device) for s in c.stacks]
+    sizes = c.family.size_conditioning([(resolution, resolution)] * batch, resolution)
+    side = resolution // c.vae_factor
+    latents = torch.randn(batch, 4, side, side, device=c.device, dtype=c.dtype)
 
     def step() -> None:
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch,), device=c.device)
-        pred = c.unet(c.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=c.text_encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        with attached(c.stacks, rows):
+            cond = c.family.condition(c.stacks, ids, sizes)
+        pred = c.unet(c.scheduler.add_noise(latents, noise, t), t, **cond.kwargs(c.dtype)).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -105,13 +94,15 @@ def bare_step_fn(components: Components, batch: int):
     return step
 
 
-def mcpl_step_fn(components: Components, batch: int, full: bool, resolution: int):
+def mcpl_step_fn(components: Components, batch: int, full: bool, resolution: int, gradient_checkpointing: bool):
     from PIL import Image
 
     image = Image.new("RGB", (resolution, resolution), "white")
     image.paste((255, 0, 0), (0, 0, resolution // 2, resolution // 2))
-    config = TrainConfig(batch_size=batch, steps=10**6, attn_mask=full, prompt_cl=full, bind_adj=full)
-    trainer = MCPLTrainer(components, [JobInput.from_text(image, SENTENCE)], config, progress=False)
+    config = TrainConfig(batch_size=batch, steps=100_000, attn_mask=full, prompt_cl=full, bind_adj=full,
+                         resolution=resolution)
+    trainer = MCPLTrainer(components, [JobInput.from_text(image, SENTENCE)], config, progress=False,
+                          gradient_checkpointing=gradient_checkpointing)
     return trainer.train_step
 
 
@@ -120,17 +111,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fresh: Fresh, batch: int, steps: int, warmup: int) -> dict[str, float]:
-    resolution = fresh.base.default_resolution
+def measure(fresh: Fresh, batch: int, steps: int, warmup: int, resolution: int,
+            gradient_checkpointing: bool = False) -> dict[str, float]:
+    if gradient_checkpointing:
+        fresh.base.unet.enable_gradient_checkpointing()
     variants = {}
     for name in ("bare", "one", "full"):
         c = fresh()
-        step = bare_step_fn(c, batch) if name == "bare" else mcpl_step_fn(c, batch, name == "full", resolution)
-        variants[name] = (step, c.text_encoder.get_input_embeddings(), dict(c.unet.attn_processors))
+        step = bare_step_fn(c, batch, resolution) if name == "bare" else mcpl_step_fn(
+            c, batch, name == "full", resolution, gradient_checkpointing)
+        variants[name] = (step, dict(c.unet.attn_processors))
     times: dict[str, list[float]] = {name: [] for name in variants}
+    if fresh.base.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(fresh.base.device)
     for i in range(warmup + steps):
-        for name, (step, embedding, processors) in variants.items():
-            fresh.base.text_encoder.set_input_embeddings(embedding)
+        for name, (step, processors) in variants.items():
             fresh.base.unet.set_attn_processor(dict(processors))  # diffusers pops from the dict
             sync(fresh.base.device)
             start = time.perf_counter()
@@ -139,16 +134,23 @@ def measure(fresh: Fresh, batch: int, steps: int, warmup: int) -> dict[str, floa
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1000)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"batch": batch, "resolution": resolution, "steps_measured": steps,
-            "ms_per_step": {k: round(v, 2) for k, v in med.items()},
+    spread = {k: [round(min(v), 2), round(max(v), 2)] for k, v in times.items()}
+    peak = (round(torch.cuda.max_memory_allocated(fresh.base.device) / 2**30, 2)
+            if fresh.base.device.type == "cuda" else None)
+    return {"batch": batch, "resolution": resolution, "steps_measured": steps, "family": fresh.base.family.name,
+            "dtype": str(fresh.base.dtype).removeprefix("torch."), "gradient_checkpointing": gradient_checkpointing,
+            "ms_per_step": {k: round(v, 2) for k, v in med.items()}, "ms_min_max": spread, "peak_gib": peak,
             "ratio_one": round(med["one"] / med["bare"], 3), "ratio_full": round(med["full"] / med["bare"], 3),
             "target_full_ratio": 1.10, "meets_target": med["full"] / med["bare"] <= 1.10}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny,sd15")
-    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant (tiny; sd15 gets 1/4)")
+    parser.add_argument("--models", default="tiny,sd15,ldm256,sdxl",
+                        help="comma list of " + ", ".join(BUILDERS) + " (a model:resolution suffix sets the side)")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant (tiny; large ones get 1/4)")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
@@ -160,16 +162,19 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "models": {}}
-    for name in args.models.split(","):
-        if name == "tiny":
-            folder = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-            fresh, batch, steps = Fresh(load_components(str(folder), device)), 4, args.steps
-        elif name == "sd15":
-            fresh, batch, steps = Fresh(sd15_components(device)), 1, max(4, args.steps // 4)
-        else:
-            raise SystemExit(f"unknown model {name!r}")
-        results["models"][name] = measure(fresh, batch, steps, args.warmup)
-        print(name, json.dumps(results["models"][name]), flush=True)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for item in args.models.split(","):
+        name, _, side = item.partition(":")
+        if name not in BUILDERS:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(BUILDERS)}")
+        resolution = int(side) if side else DEFAULT_RESOLUTION[name]
+        components = BUILDERS[name](device, dtype if name != "tiny" else torch.float32, resolution)
+        steps = args.steps if name == "tiny" else max(3, args.steps // 4)
+        key = f"{name}@{resolution}" + ("+gc" if args.gradient_checkpointing else "")
+        results["models"][key] = measure(Fresh(components), DEFAULT_BATCH[name], steps, args.warmup, resolution,
+                                         args.gradient_checkpointing)
+        print(key, json.dumps(results["models"][key]), flush=True)
+        del components
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():  # keep other devices' figures side by side

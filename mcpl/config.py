@@ -1,6 +1,32 @@
 """Every training knob in one typed object, with the paper's values documented beside ours.
 
 A config is hashed into job ids, so two runs with equal configs are the same work.
+
+Limits. Every field has bounds (the Field's ge/le), checked wherever a config is made:
+a table row's `overrides` (rejected with the field named), `--set`, `--config`, flow
+parameters. They are far beyond any sensible run and exist to refuse nonsense (a row
+with `steps: 1000000000000` used to run), not to tune. Floats must be finite.
+
+| field | bounds | why |
+|---|---|---|
+| steps | 1 .. 100,000 | 16x the paper's 6100; more is a typo or an attack on the machine |
+| batch_size | 1 .. 64 | memory: 64 x 512 px latents already need a large GPU |
+| num_vectors | 1 .. 16 | each vector is a prompt token; the prompt must still fit 77 tokens |
+| learning_rate | (0, 1] | the paper's largest is 5e-3 x batch 4 = 0.02 |
+| lr_warmup_steps, mask_warmup_steps | 0 .. 100,000 | as steps |
+| seed | 0 .. 2**32 - 1 | what every random generator (torch, numpy) accepts |
+| resolution | 8 .. 2048, a multiple of 8 | the VAE downsamples by 8; 2048 px is beyond every SD model |
+| attention_layers | at most 64 names | there are 16 cross-attention layers in SD 1.x |
+| attention_downscale | 1 .. 64 | |
+| cl_weight | 0 .. 100 | paper: 5e-4 to 1.0 |
+| cl_temperature | 0.001 .. 10 | paper: 0.07 to 0.3; smaller overflows the softmax |
+| cl_views | 2 .. 8 | each view is one more text-encoder pass per sample |
+| checkpoint_every | 1 .. 100,000 | |
+| keep_checkpoints | 1 .. 100 | each is a full optimiser state on disk |
+| map_timesteps | 1 .. 100 | each is one more UNet pass per image at export |
+
+Row-level limits that are not training settings (image size, sentence length, path
+length, JSON size) are in `mcpl.pipeline.data` and, with these, in docs/DATA.md.
 """
 
 from __future__ import annotations
@@ -30,19 +56,24 @@ class TrainConfig(BaseModel):
         "one", description="'one': a word per concept; 'all': every word of the sentence; "
         "'diverse': several images share their concepts' words (paper: MCPL-one is best)."
     )
-    num_vectors: int = Field(1, ge=1, le=16, description="Vectors per learned token (tok, tok_1, ...).")
+    num_vectors: int = Field(1, ge=1, le=16, description="Vectors per learned token (tok, tok_1, ...); "
+                             "at most 16: each is a prompt token and the prompt must fit the model's limit.")
 
     # --- optimisation -------------------------------------------------------------
-    steps: int = Field(500, ge=1, description="Optimisation steps (paper: 6100 on LDM-1.4B).")
-    batch_size: int = Field(4, ge=1, description="Samples per step (paper: 4).")
+    steps: int = Field(500, ge=1, le=100_000, description="Optimisation steps (paper: 6100 on LDM-1.4B; "
+                       "at most 100,000, 16x the paper: more is a typo).")
+    batch_size: int = Field(4, ge=1, le=64, description="Samples per step (paper: 4; at most 64, for memory).")
     learning_rate: float | None = Field(
-        None, gt=0, description="AdamW lr. None: scale with the model's mean token-embedding norm "
-        "(lr = 1.3e-3 x batch x norm; 2e-3 for SD 1.x at batch 4; paper: 5e-3 x batch on LDM).",
+        None, gt=0, le=1.0, allow_inf_nan=False, description="AdamW lr. None: scale with the model's mean "
+        "token-embedding norm (lr = 1.3e-3 x batch x norm; 2e-3 for SD 1.x at batch 4; paper: 5e-3 x batch "
+        "on LDM). At most 1: the paper's largest is 0.02.",
     )
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up, then constant.")
-    seed: int = Field(0, description="Seeds every random draw: same seed, same result.")
+    lr_warmup_steps: int = Field(0, ge=0, le=100_000, description="Linear warm-up, then constant.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds every random draw: same seed, same result "
+                      "(0 .. 2**32-1: what torch and numpy generators accept).")
     resolution: int | None = Field(
-        None, ge=8, description="Training side in pixels. None: the UNet's sample size x VAE factor."
+        None, ge=8, le=2048, multiple_of=8, description="Training side in pixels, a multiple of 8 (the VAE "
+        "downsamples by 8) up to 2048. None: the UNet's sample size x VAE factor."
     )
     flip_p: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip (paper: 0.5).")
     use_templates: bool = Field(
@@ -60,27 +91,32 @@ class TrainConfig(BaseModel):
         "current", description="'current': this step's map (paper code; chosen by the toy sweep); "
         "'running': mean over training steps per image and concept (paper text's average over timesteps).",
     )
-    mask_warmup_steps: int = Field(0, ge=0, description="Steps of unmasked loss before masking starts.")
+    mask_warmup_steps: int = Field(0, ge=0, le=100_000, description="Steps of unmasked loss before masking starts.")
     attention_layers: list[str] | None = Field(
-        None, description="Substrings of cross-attention processor names to record. None: the "
-        "layers at `attention_downscale`.",
+        None, max_length=64, description="Substrings of cross-attention processor names to record (at most "
+        "64; SD 1.x has 16 such layers). None: the layers at `attention_downscale`.",
     )
     attention_downscale: int | None = Field(
-        None, ge=1, description="Record cross-attention layers whose map is the latent side / this. "
+        None, ge=1, le=64, description="Record cross-attention layers whose map is the latent side / this. "
         "None: the model's recommendation, else 4 (SD 1.x at 512 px: 16x16 maps, as the paper).",
     )
 
     # --- PromptCL / Bind adj ------------------------------------------------------
     prompt_cl: bool = Field(False, description="InfoNCE between the learned words' encoder features.")
-    cl_weight: float = Field(5e-2, ge=0, description="lambda (paper: 5e-4 to 1.0; toy sweep: 0.05).")
-    cl_temperature: float = Field(0.07, gt=0, description="tau (paper: 0.07 to 0.3; toy sweep: 0.07).")
-    cl_views: int = Field(2, ge=2, description="Prompt views per sample (different templates).")
+    cl_weight: float = Field(5e-2, ge=0, le=100, allow_inf_nan=False,
+                             description="lambda (paper: 5e-4 to 1.0; toy sweep: 0.05).")
+    cl_temperature: float = Field(0.07, ge=1e-3, le=10, allow_inf_nan=False, description="tau (paper: 0.07 to "
+                                  "0.3; toy sweep: 0.07); at least 0.001, smaller overflows the softmax.")
+    cl_views: int = Field(2, ge=2, le=8, description="Prompt views per sample (different templates); at most 8, "
+                          "each is one more text-encoder pass.")
     bind_adj: bool = Field(False, description="Each concept's adjective joins its positives.")
 
     # --- bookkeeping --------------------------------------------------------------
-    checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    map_timesteps: int = Field(8, ge=1, description="Timesteps averaged for the exported image maps.")
+    checkpoint_every: int = Field(100, ge=1, le=100_000, description="Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="How many recent checkpoints to keep (at most "
+                                  "100: each is a full optimiser state).")
+    map_timesteps: int = Field(8, ge=1, le=100, description="Timesteps averaged for the exported image maps "
+                               "(at most 100: each is a UNet pass per image).")
 
     def job_hash(self) -> str:
         """A short stable hash of the fields that change what is learned (not bookkeeping)."""
@@ -203,3 +239,5 @@ class RunOptions(BaseModel):
     log: bool = Field(True, description="One line per job event on stderr.")
     skip_done: bool = Field(True, description="Skip jobs whose bundle is already finished.")
     keep_checkpoints: bool = Field(True, description="Keep a finished job's checkpoints/ (resumable state).")
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in the backward pass: "
+                                         "less memory (1024 px SDXL on one GPU), ~30 % slower.")

@@ -28,6 +28,27 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    from mcpl.method.tiny import build_tiny_sdxl
+
+    return str(build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm(tmp_path_factory) -> str:
+    from mcpl.method.tiny import build_tiny_ldm
+
+    return str(build_tiny_ldm(tmp_path_factory.mktemp("models") / "tiny-ldm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory) -> str:
+    from mcpl.method.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2v", prediction_type="v_prediction"))
+
+
 def square_mask(box) -> Image.Image:
     m = Image.new("L", (32, 32), 0)
     m.paste(255, box)

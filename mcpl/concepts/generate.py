@@ -1,23 +1,31 @@
-"""Generate with learned concepts through a stock diffusers pipeline.
+"""Generate with learned concepts through a stock diffusers pipeline of the model's family.
 
-Concepts are loaded with diffusers' own `load_textual_inversion`, so what works here works
-in any diffusers program. Attention of each concept is recorded over the whole sampling
-trajectory (conditional half of the CFG batch only) and averaged.
+SD and SDXL concepts are loaded with diffusers' own `load_textual_inversion` (SDXL: into
+both encoders), so what works here works in any diffusers program; LDM concepts are added
+by the family adapter (diffusers has no loader for that pipeline). A concept trained on
+another family or width is refused before anything is loaded. Attention of each concept
+is recorded over the whole sampling trajectory (conditional half of the CFG batch only)
+and averaged.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from mcpl.concepts.embeddings import load_concept
+from mcpl.concepts.embeddings import ConceptFiles, load_concept_files
 from mcpl.errors import ModelLoadError, RegistryError
 from mcpl.method.attention import AttentionStore, install_capture, restore_processors, select_layers
+from mcpl.method.families import family_of
+from mcpl.method.model_files import model_hash
 from mcpl.method.models import frozen_dtype, pick_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,39 +46,59 @@ class Generation:
         return out
 
 
-def load_pipeline(model: str, device: str | None = None) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with a DDIM scheduler, frozen parts in the device's dtype."""
+def load_pipeline(model: str, device: str | None = None):
+    """The family's sampling pipeline (DDIM scheduler), frozen parts in the device's dtype."""
     dev = pick_device(device)
+    family = family_of(model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=frozen_dtype(dev), safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = family.pipeline(model, dev, frozen_dtype(dev))
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load model {model!r} as a Stable Diffusion pipeline: {err}") from err
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        raise ModelLoadError(f"cannot load model {model!r} as a {family.description} pipeline: {err}") from err
     pipe.set_progress_bar_config(disable=True)
+    pipe.mcpl_family = family
+    pipe.mcpl_model = model
     return pipe.to(dev)
 
 
-def load_concepts(pipe: StableDiffusionPipeline, files: list[str | Path],
-                  tokens: list[str] | None = None) -> list[str]:
+def check_compatible(pipe, concept: ConceptFiles, source: str) -> None:
+    """Refuse a concept of another family or width (diffusers would fail deep inside); warn on
+    another base model of the same family (the words may mean little there)."""
+    family = pipe.mcpl_family
+    if concept.family != family.name:
+        raise RegistryError(f"{source}: {concept.token} was learned on a {concept.family} model; this is a "
+                            f"{family.name} model ({family.description}); load it into a {concept.family} model")
+    widths = [s.width for s in family.pipeline_stacks(pipe)]
+    if concept.widths != widths:
+        raise RegistryError(f"{source}: {concept.token} has embedding widths {concept.widths} but this model's "
+                            f"text encoders take {widths}; it was learned on another model")
+    trained_on = concept.fact("base_model_hash")
+    if trained_on and trained_on != model_hash(pipe.mcpl_model):
+        warnings.warn(f"{concept.token} was learned on another {family.name} model ({concept.fact('base_model')}); "
+                      "it may not mean the same thing here", stacklevel=3)
+
+
+def load_concepts(pipe, files: list[str | Path], tokens: list[str] | None = None) -> list[str]:
     """Load concept files; `tokens` renames them (two files that both learned <dog>)."""
     loaded = []
+    vocab = pipe.tokenizer.get_vocab()
     for i, file in enumerate(files):
-        token, vectors, _ = load_concept(file)
-        token = tokens[i] if tokens else token
-        if token in pipe.tokenizer.get_vocab():
+        concept = load_concept_files(file)
+        check_compatible(pipe, concept, str(file))
+        token = tokens[i] if tokens else concept.token
+        if token in vocab or token in loaded:
             raise RegistryError(f"token {token} is already loaded; give one of the concepts another token")
-        pipe.load_textual_inversion({token: vectors.to(pipe.text_encoder.dtype)}, token=token)
+        pipe.mcpl_family.add_rows(pipe, token, concept.vectors)
         loaded.append(token)
     return loaded
 
 
-def concept_key_weights(pipe: StableDiffusionPipeline, prompt: str, tokens: list[str]) -> torch.Tensor:
+def concept_key_weights(pipe, prompt: str, tokens: list[str]) -> torch.Tensor:
     """(C, L): 1/n at each of a token's n vector positions in the tokenised prompt."""
-    converted = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
-    ids = pipe.tokenizer(converted, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids[0]
-    vocab = pipe.tokenizer.get_vocab()
+    tokenizer = pipe.tokenizer
+    converted = pipe.mcpl_family.expand_prompt(pipe, prompt)
+    ids = tokenizer(converted, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids[0]
+    vocab = tokenizer.get_vocab()
     weights = torch.zeros(len(tokens), ids.shape[0])
     for c, token in enumerate(tokens):
         family = [vocab[t] for t in vocab if t == token or t.startswith(token + "_")]
@@ -80,11 +108,12 @@ def concept_key_weights(pipe: StableDiffusionPipeline, prompt: str, tokens: list
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, prompt: str, tokens: list[str], num_images: int = 4,
-             steps: int = 25, guidance: float = 5.0, seed: int = 0, size: int | None = None,
-             attention_downscale: int | None = None) -> Generation:
+def generate(pipe, prompt: str, tokens: list[str], num_images: int = 4, steps: int = 25, guidance: float = 5.0,
+             seed: int = 0, size: int | None = None, attention_downscale: int | None = None) -> Generation:
     """Sample `num_images` images of `prompt`; record each token's attention along the way."""
-    vae_factor = pipe.vae_scale_factor
+    family = pipe.mcpl_family
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if hasattr(pipe, "vae") \
+        else 2 ** (len(pipe.vqvae.config.block_out_channels) - 1)
     size = size or int(pipe.unet.config.sample_size) * vae_factor
     store = AttentionStore()
     weights = concept_key_weights(pipe, prompt, tokens)
@@ -92,12 +121,11 @@ def generate(pipe: StableDiffusionPipeline, prompt: str, tokens: list[str], num_
     cfg = guidance > 1.0
     store.rows = slice(num_images, 2 * num_images) if cfg else slice(None)
     store.latent_hw = (size // vae_factor, size // vae_factor)
-    layers = select_layers(pipe.unet, None, attention_downscale)
+    layers = select_layers(pipe.unet, None, attention_downscale or family.default_attention_downscale)
     previous = install_capture(pipe.unet, store, layers)
     try:
         generator = torch.Generator("cpu").manual_seed(seed)
-        images = pipe(prompt, num_images_per_prompt=num_images, num_inference_steps=steps,
-                      guidance_scale=guidance, generator=generator, height=size, width=size).images
+        images = family.sample(pipe, prompt, num_images, steps, guidance, generator, size)
     finally:
         restore_processors(pipe.unet, previous)
     mean = store.aggregate() if tokens else torch.zeros(num_images, 0, 1, 1)

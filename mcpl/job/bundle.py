@@ -130,6 +130,9 @@ class JobRecord:
     wall_seconds: float = 0.0
     samples: dict = field(default_factory=dict)  # name -> {prompt, file}
     git_rev: str = "unknown"
+    family: str = "sd"  # the model family (mcpl.method.families): sd, sdxl, ldm
+    widths: list[int] = field(default_factory=list)  # embedding width of each text stack
+    learning_rates: list[float] = field(default_factory=list)  # per text stack
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +144,7 @@ class JobRecord:
             known["concepts"] = [ConceptEntry(**_known(ConceptEntry, c)) for c in data["concepts"]]
             known["images"] = [ImageEntry(**_known(ImageEntry, i)) for i in data["images"]]
             return cls(**known)
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, AttributeError) as err:
             raise BundleError(f"job.json is incomplete or malformed: {err}") from None
 
     def concept(self, token: str) -> ConceptEntry:
@@ -354,11 +357,17 @@ def find_bundles(root: str | Path) -> list[Bundle]:
         return [Bundle(root)]
     summary = root / SUMMARY_FILE
     if summary.exists():
+        data = read_json(summary)
+        jobs = data.get("jobs", []) if isinstance(data, dict) else None
+        if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
+            raise BundleError(f"{summary} has no list of jobs; it is not a batch summary (or was tampered with)")
         listed = []
-        for job in read_json(summary).get("jobs", []):
+        for job in jobs:
             if job.get("status") in (JobStatus.DONE.value, JobStatus.SKIPPED.value) and job.get("out_dir"):
                 folder = inside(root, job["out_dir"])
                 if (folder / JOB_FILE).exists():
                     listed.append(folder)
-        return [Bundle(d) for d in sorted(listed)]
-    return [Bundle(p.parent) for p in sorted(root.rglob(JOB_FILE)) if CHECKPOINTS_DIR not in p.parts]
+        return [Bundle(d) for d in sorted(set(listed))]
+    base = root.resolve()
+    return [Bundle(p.parent) for p in sorted(root.rglob(JOB_FILE))
+            if CHECKPOINTS_DIR not in p.parts and p.parent.resolve().is_relative_to(base)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mcpl.concepts.embeddings import save_concept
+from mcpl.concepts.embeddings import save_concept_stacks
 from mcpl.concepts.metrics import concept_metrics
 from mcpl.concepts.overlay import attention_figure, grid
 from mcpl.config import RunOptions, TrainConfig
@@ -65,8 +65,7 @@ def image_attention_maps(trainer: MCPLTrainer, image_index: int, n_timesteps: in
     latents = trainer.latents.sample(index.to(c.device), flip.to(c.device), eps)
     noisy = c.scheduler.add_noise(latents, noise, steps.to(c.device))
     text = trainer.encode_prompts([image_index] * n_timesteps, ["{}"] * n_timesteps)
-    hidden = trainer.encode_text(text.ids)
-    _, maps = trainer.predict_with_maps(noisy, steps, hidden, text.concept_weights)
+    _, maps = trainer.predict_with_maps(noisy, steps, trainer.encode_text(text), text.concept_weights)
     mean = maps.mean(0).cpu()
     return {tok.token: mean[i] for i, tok in enumerate(trainer.plan.tokens)}
 
@@ -84,7 +83,7 @@ def run_job(model: str | Components, inputs: Sequence[JobInput], config: TrainCo
     components = model if isinstance(model, Components) else load_components(model, options.device)
     started = time.time()
     trainer = MCPLTrainer(components, inputs, config, bundle.checkpoints, callbacks=callbacks,
-                          progress=options.progress)
+                          progress=options.progress, gradient_checkpointing=options.gradient_checkpointing)
     try:
         vectors = trainer.train()
         record = write_bundle(trainer, vectors, bundle)
@@ -110,17 +109,25 @@ def write_bundle(trainer: MCPLTrainer, vectors: dict[str, torch.Tensor], bundle:
     image_ids = trainer.image_ids()
     base = {"base_model": c.name, "base_model_hash": model_hash(c.name), "strategy": config.strategy,
             "seed": config.seed, "steps": trainer.step, "config_hash": config.job_hash()}
+    stacks = trainer.prompts.stacks
+    per_stack = trainer.stack_vectors()
     concepts = []
     for tok in plan.tokens:
         if plan_is_word(tok.label, config.strategy):
             continue
         sentences = [i.sentence.source for i in trainer.inputs if tok.token in {x.token for x in i.sentence.concepts}]
         meta = {**base, "token": tok.token, "initializer": tok.initializer, "adjective": tok.adjective or "",
-                "sentences": sentences, "image_hashes": image_ids, "num_vectors": config.num_vectors}
+                "sentences": sentences, "image_hashes": image_ids, "num_vectors": config.num_vectors,
+                "family": c.family.name}
         rel = Bundle.concept_rel(tok.label)
-        save_concept(bundle.file(rel), tok.token, vectors[tok.token], meta)
+        save_concept_stacks(bundle.file(rel), tok.token, [v[tok.token] for v in per_stack],
+                            [s.file_suffix for s in stacks], [s.export_key for s in stacks], meta)
         concepts.append(ConceptEntry(tok.token, tok.label, tok.initializer, tok.adjective, rel))
-    save_file(dict(vectors), str(bundle.embeddings_file), metadata={k: str(v) for k, v in base.items()})
+    everything = dict(vectors)
+    for stack, stack_vectors in zip(stacks[1:], per_stack[1:], strict=True):  # SDXL's text_encoder_2 rows
+        everything.update({f"{stack.key}/{t}": v for t, v in stack_vectors.items()})
+    save_file(everything, str(bundle.embeddings_file),
+              metadata={k: str(v) for k, v in {**base, "family": c.family.name}.items()})
     metrics: dict[str, dict] = {}
     images = []
     overlaid: set[str] = set()
@@ -145,6 +152,7 @@ def write_bundle(trainer: MCPLTrainer, vectors: dict[str, torch.Tensor], bundle:
     return JobRecord(
         job_id=job_id(image_ids, [i.sentence.source for i in trainer.inputs], config.job_hash(), model_hash(c.name)),
         **base, config=config.model_dump(), learning_rate=trainer.lr, attention_layers=trainer.layers,
+        family=c.family.name, widths=c.widths, learning_rates=trainer.lrs,
         concepts=concepts, images=images, metrics=metrics,
         final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])), train_seconds=trainer.train_seconds,
         history=trainer.history, git_rev=git_revision())

@@ -1,18 +1,24 @@
 """The only trainable thing in MCPL: new token rows, kept as their own float32 parameter.
 
 The frozen embedding table is wrapped, not resized or copied, so nothing needs undoing
-after an optimiser step and the base model is never modified.
+after an optimiser step and the base model is never modified. Like peft's adapters, the
+rows are attached to a text encoder only while they are used (`attached`) and unloaded
+after, so several jobs can share one frozen encoder (packing) and the model is handed
+back untouched.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from mcpl.method.models import Components
-from mcpl.method.prompts import PromptPlan, SentenceError
+from mcpl.errors import SentenceError
+from mcpl.method.families.base import TextStack
+from mcpl.method.prompts import PromptPlan
 
 
 class LearnedTokenEmbedding(nn.Module):
@@ -37,9 +43,14 @@ def frozen_table(text_encoder) -> torch.Tensor:
     return (module.base if isinstance(module, LearnedTokenEmbedding) else module).weight
 
 
-def initializer_embedding(components: Components, word: str) -> torch.Tensor:
-    """Embedding of an initializer word; several sub-tokens are averaged, with a warning."""
-    tokenizer = components.tokenizer
+def _pair(source) -> tuple:
+    """(tokenizer, encoder) of a TextStack or of Components (its primary stack)."""
+    return source.tokenizer, getattr(source, "encoder", None) or source.text_encoder
+
+
+def initializer_embedding(source, word: str) -> torch.Tensor:
+    """Embedding of an initializer word in one encoder's own table; sub-tokens are averaged, with a warning."""
+    tokenizer, encoder = _pair(source)
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if not ids or tokenizer.unk_token_id in ids and word not in tokenizer.get_vocab():
         raise SentenceError(f"initializer word {word!r} is not known to the tokenizer")
@@ -47,25 +58,26 @@ def initializer_embedding(components: Components, word: str) -> torch.Tensor:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         warnings.warn(f"initializer {word!r} splits into {pieces}; their embeddings are averaged",
                       stacklevel=2)
-    table = frozen_table(components.text_encoder)
+    table = frozen_table(encoder)
     return table[torch.tensor(ids, device=table.device)].float().mean(0)
 
 
-def attach_learned_tokens(components: Components, plan: PromptPlan) -> LearnedTokenEmbedding:
-    """Add the plan's tokens to the tokenizer and splice a trainable row per token vector.
+def learned_rows(stack: TextStack, plan: PromptPlan) -> LearnedTokenEmbedding:
+    """Add the plan's tokens to the stack's tokenizer and build a trainable row per token vector.
 
-    Each token vector starts from its own initializer word's embedding (the paper's code
-    started all but the first from noise).
+    Each token vector starts from its own initializer word's embedding in this encoder's
+    table (the paper's code started all but the first from noise). The rows are not
+    attached yet: see `attached`.
     """
-    tokenizer = components.tokenizer
+    tokenizer = stack.tokenizer
     vocab = tokenizer.get_vocab()
     strings = plan.all_token_strings()
     taken = [s for s in strings if s in vocab]
     if taken:
         raise SentenceError(f"placeholder(s) {', '.join(taken)} already in the tokenizer's vocabulary")
-    base = components.text_encoder.get_input_embeddings()
+    base = stack.encoder.get_input_embeddings()
     if isinstance(base, LearnedTokenEmbedding):
-        raise RuntimeError("learned tokens are already attached to this text encoder; load a fresh model")
+        base = base.base
     first_new_id = len(tokenizer)
     if base.num_embeddings != first_new_id:
         raise RuntimeError(f"tokenizer has {first_new_id} tokens but the embedding table {base.num_embeddings}")
@@ -73,11 +85,21 @@ def attach_learned_tokens(components: Components, plan: PromptPlan) -> LearnedTo
     ids = tokenizer.convert_tokens_to_ids(strings)
     if ids != list(range(first_new_id, first_new_id + len(strings))):
         raise RuntimeError("new tokens did not receive consecutive ids")
-    rows = [initializer_embedding(components, tok.initializer)
-            for tok in plan.tokens for _ in plan.token_strings(tok)]
-    module = LearnedTokenEmbedding(base, first_new_id, torch.stack(rows)).to(base.weight.device)
-    components.text_encoder.set_input_embeddings(module)
-    return module
+    rows = [initializer_embedding(stack, tok.initializer) for tok in plan.tokens for _ in plan.token_strings(tok)]
+    return LearnedTokenEmbedding(base, first_new_id, torch.stack(rows)).to(base.weight.device)
+
+
+@contextmanager
+def attached(stacks: Sequence[TextStack], embeddings: Sequence[LearnedTokenEmbedding]) -> Iterator[None]:
+    """Splice the rows into each encoder for the duration, then put back what was there."""
+    previous = [s.encoder.get_input_embeddings() for s in stacks]
+    try:
+        for stack, embedding in zip(stacks, embeddings, strict=True):
+            stack.encoder.set_input_embeddings(embedding)
+        yield
+    finally:
+        for stack, module in zip(stacks, previous, strict=True):
+            stack.encoder.set_input_embeddings(module)
 
 
 def token_vectors(plan: PromptPlan, rows: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -33,8 +33,7 @@ def prompt_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, is_anc
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     log_prob = log_prob.masked_fill(eye, 0.0)
     counts = positives.sum(1)
-    use = is_anchor & (counts > 0)
-    if not bool(use.any()):
-        return features.sum() * 0.0
-    per_anchor = -(log_prob * positives).sum(1)[use] / counts[use]
-    return per_anchor.mean()
+    use = (is_anchor & (counts > 0)).to(z.dtype)
+    # A weighted mean instead of boolean indexing: no value is read back from the device.
+    per_anchor = -(log_prob * positives).sum(1) / counts.clamp_min(1)
+    return (per_anchor * use).sum() / use.sum().clamp_min(1)

@@ -1,46 +1,21 @@
-"""Load the frozen parts of a Stable Diffusion model (folder or hub id), and build tiny ones.
+"""Load the frozen parts of a model folder or hub id through its family's adapter.
 
-The same `load_components` path serves real SD 1.x/2.x models and the project's own test
-and toy-world models, so nothing is tested through a mock.
+The same `load_components` path serves real SD 1.x/2.x, SDXL and LDM models and the
+project's own tiny and toy-world models, so nothing is tested through a mock.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from mcpl.errors import ModelLoadError
+from mcpl.method.families import Components, family_of
 from mcpl.method.model_files import read_hints
 
-COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-
-
-@dataclass
-class Components:
-    """Frozen model parts plus facts the trainer needs about them."""
-
-    name: str
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    scheduler: DDPMScheduler
-    device: torch.device
-    dtype: torch.dtype
-    hints: dict
-
-    @property
-    def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def default_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_factor
+__all__ = ["Components", "frozen_dtype", "load_components", "pick_device"]
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -58,33 +33,23 @@ def frozen_dtype(device: torch.device) -> torch.dtype:
 
 def load_components(model: str, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> Components:
-    """Load tokenizer, text encoder, UNet, VAE and scheduler, all frozen, in eval mode."""
+    """Every frozen part of `model` (its family decides which), in eval mode, on `device`."""
     device = pick_device(str(device) if device is not None else None)
     dtype = dtype or frozen_dtype(device)
+    family = family_of(model)
     path = Path(model)
-    if path.exists():
-        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if path.is_dir():
+        missing = [c for c in family.subfolders() if not (path / c).is_dir()]
         if missing:
-            raise ModelLoadError(
-                f"{model} is not a complete diffusers Stable Diffusion folder: missing {', '.join(missing)} "
-                f"(expected subfolders {', '.join(COMPONENTS)})")
-    elif model.startswith((".", "/", "~")) or os.sep in model and model.count("/") > 1:
-        raise ModelLoadError(f"model folder {model} does not exist")
+            raise ModelLoadError(f"{model} is not a complete {family.description} folder: missing "
+                                 f"{', '.join(missing)} (expected subfolders {', '.join(family.subfolders())})")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype)
-        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+        return family.load(model, device, dtype, read_hints(model))
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelLoadError(
             f"cannot load model {model!r}: {err}\n"
             + ("HF_HUB_OFFLINE=1: a hub id works only if it is fully in the local cache; "
                "pass a local diffusers folder instead." if offline else
-               "Pass a diffusers Stable Diffusion folder or a hub id that is reachable or cached.")
+               "Pass a diffusers model folder or a hub id that is reachable or cached.")
         ) from err
-    for module in (text_encoder, unet, vae):
-        module.requires_grad_(False).eval().to(device)
-    hints = read_hints(model)
-    return Components(model, tokenizer, text_encoder, unet, vae, scheduler, device, dtype, hints)

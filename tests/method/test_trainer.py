@@ -34,7 +34,8 @@ def test_only_the_new_rows_change(tiny_model):
     frozen.update({f"vae.{k}": v.clone() for k, v in c.vae.state_dict().items()})
     frozen.update({f"text.{k}": v.clone() for k, v in c.text_encoder.state_dict().items() if "rows" not in k})
     start = trainer.embedding.rows.detach().clone()
-    trainable = [p for m in (c.unet, c.vae, c.text_encoder) for p in m.parameters() if p.requires_grad]
+    with trainer.prompts.attached():  # rows are spliced in only while the text is encoded
+        trainable = [p for m in (c.unet, c.vae, c.text_encoder) for p in m.parameters() if p.requires_grad]
     assert len(trainable) == 1 and trainable[0] is trainer.embedding.rows
     trainer.train()
     after = {f"unet.{k}": v for k, v in c.unet.state_dict().items()}
@@ -100,9 +101,9 @@ def test_batch_of_two_images_gives_the_same_masks_as_each_alone(tiny_model):
     noisy = trainer.c.scheduler.add_noise(latents, noise, t)
     text = trainer.encode_prompts([0, 1], ["{}", "a photo of {}"])
     with torch.no_grad():
-        hidden = trainer.encode_text(text.ids)
+        hidden = trainer.encode_text(text)
         _, both = trainer.predict_with_maps(noisy, t, hidden, text.concept_weights)
-        alone = [trainer.predict_with_maps(noisy[i:i + 1], t[i:i + 1], hidden[i:i + 1],
+        alone = [trainer.predict_with_maps(noisy[i:i + 1], t[i:i + 1], hidden.select(slice(i, i + 1)),
                                            text.concept_weights[i:i + 1])[1] for i in range(2)]
     for i in range(2):
         assert torch.allclose(both[i], alone[i][0], atol=1e-6)
@@ -142,7 +143,7 @@ def test_prompt_cl_gives_gradient_to_every_learned_row(tiny_model, strategy, sen
     index = [i % n for i in range(4)] * 2
     templates = [trainer.plan.templates[(k // 4) % len(trainer.plan.templates)] for k in range(8)]
     text = trainer.encode_prompts(index, templates)
-    loss = trainer.contrastive_loss([(trainer.encode_text(text.ids), text)])
+    loss = trainer.contrastive_loss([(trainer.encode_text(text).hidden, text)])
     loss.backward()
     grad = trainer.embedding.rows.grad
     assert grad is not None and loss.item() > 0
@@ -160,12 +161,12 @@ def test_bind_adj_adds_the_adjective_as_a_positive(tiny_model):
     red = bound.c.tokenizer("red", add_special_tokens=False).input_ids[0]
     blue = bound.c.tokenizer("blue", add_special_tokens=False).input_ids[0]
     for row in range(4):
-        ids = t_bound.ids[row]
+        ids = t_bound.ids[0][row]
         assert torch.equal(t_bound.adjective_weights[row, 0] > 0, ids == red)
         assert torch.equal(t_bound.adjective_weights[row, 1] > 0, ids == blue)
     with torch.no_grad():
-        loss_plain = plain.contrastive_loss([(plain.encode_text(t_plain.ids), t_plain)])
-        loss_bound = bound.contrastive_loss([(bound.encode_text(t_bound.ids), t_bound)])
+        loss_plain = plain.contrastive_loss([(plain.encode_text(t_plain).hidden, t_plain)])
+        loss_bound = bound.contrastive_loss([(bound.encode_text(t_bound).hidden, t_bound)])
     assert not torch.isclose(loss_plain, loss_bound)
 
 
@@ -189,10 +190,10 @@ def test_short_prompt_cl_views_match_full_length_features(tiny_model):
     trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True))
     args = ([0, 0], ["{}", "a photo of {}"])
     full, short = trainer.encode_prompts(*args), trainer.encode_prompts(*args, full_length=False)
-    assert short.ids.shape[1] < full.ids.shape[1]
+    assert short.ids[0].shape[1] < full.ids[0].shape[1]
     with torch.no_grad():
-        f_full = torch.einsum("ncl,nld->ncd", full.concept_weights, trainer.encode_text(full.ids))
-        f_short = torch.einsum("ncl,nld->ncd", short.concept_weights, trainer.encode_text(short.ids))
+        f_full = torch.einsum("ncl,nld->ncd", full.concept_weights, trainer.encode_text(full).hidden)
+        f_short = torch.einsum("ncl,nld->ncd", short.concept_weights, trainer.encode_text(short).hidden)
     assert torch.allclose(f_full, f_short, atol=1e-5)
 
 
