@@ -32,8 +32,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 if not __package__:  # loaded by file path (Prefect entrypoint, `python flows/batch.py`): make `flows` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.faults import FaultObserver  # noqa: E402
 from mcpl.config import FULL_MCPL, ConfigSource, RunOptions, TrainConfig  # noqa: E402
+from mcpl.pipeline.faults import FaultObserver  # noqa: E402
 
 JOB_DEPLOYMENT = "mcpl-job/job"
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -21,9 +21,9 @@ def main(args_file: str) -> int:
     args = json.loads(Path(args_file).read_text())
     import torch
 
-    from flows.faults import FaultObserver
     from mcpl.config import RunOptions
     from mcpl.pipeline.data import JobSpec
+    from mcpl.pipeline.faults import FaultObserver
     from mcpl.pipeline.progress import LogObserver
     from mcpl.pipeline.runner import run_one
     from mcpl.pipeline.tracking.observer import MlflowObserver, TrackingSettings

@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-skip", action="store_true", help="re-run jobs even if their bundle is done")
     p.add_argument("--drop-checkpoints", action="store_true",
                    help="delete each finished job's checkpoints/ (resumable state) to save space")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="long-lived worker processes (CPU: one thread each; GPUs: one per GPU); default 1 = here")
+    p.add_argument("--pack", type=int, default=None, metavar="K",
+                   help="jobs trained together in one UNet call per step (default: 4 on CPU, from memory on GPU)")
     p.add_argument("--progress", action="store_true", help="progress bars per job (default: progress lines)")
     p.add_argument("--quiet", action="store_true", help="no library notices (job lines stay)")
     add_model_option(p)
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from mcpl.config import ConfigSource, RunOptions
     from mcpl.pipeline.data import plan_jobs
     from mcpl.pipeline.progress import LogObserver
-    from mcpl.pipeline.runner import run_batch
+    from mcpl.pipeline.workers import run_batch
 
     if args.quiet:
         quiet_libraries()
@@ -60,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
                          keep_checkpoints=not args.drop_checkpoints)
     print(f"{len(plan.jobs)} job(s) from {args.manifest} on {model}; {len(plan.rejected)} row(s) were rejected at "
           "validation", file=sys.stderr)
-    summary = run_batch(plan.jobs, args.out, options, [LogObserver()], rejected=plan.rejected, merged=plan.merged,
-                        model=model, base_config=source.base(), manifest=str(args.manifest))
+    summary = run_batch(plan.jobs, args.out, options, [LogObserver()], workers=args.workers, pack=args.pack,
+                        rejected=plan.rejected, merged=plan.merged, model=model, base_config=source.base(),
+                        manifest=str(args.manifest))
     print(summary.render())
     print(f"summary: {summary.write()}")
     if summary.failed:

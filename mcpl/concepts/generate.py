@@ -10,8 +10,9 @@ and averaged.
 
 from __future__ import annotations
 
-import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,9 @@ from PIL import Image
 from mcpl.concepts.embeddings import ConceptFiles, load_concept_files
 from mcpl.errors import ModelLoadError, RegistryError
 from mcpl.method.attention import AttentionStore, install_capture, restore_processors, select_layers
-from mcpl.method.families import family_of
+from mcpl.method.families import Components, family_of
 from mcpl.method.model_files import model_hash
 from mcpl.method.models import frozen_dtype, pick_device
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +57,23 @@ def load_pipeline(model: str, device: str | None = None):
     pipe.mcpl_family = family
     pipe.mcpl_model = model
     return pipe.to(dev)
+
+
+@contextmanager
+def borrowed_pipeline(components: Components) -> Iterator:
+    """A sampling pipeline on a job's already loaded model; loading concepts into it grows the shared
+    encoders' tables, so each encoder's original table (and vocabulary size) is put back after."""
+    family = components.family
+    saved = [(s.encoder, s.encoder.get_input_embeddings(), s.encoder.config.vocab_size) for s in components.stacks]
+    pipe = family.pipeline_from(components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.mcpl_family, pipe.mcpl_model = family, components.name
+    try:
+        yield pipe
+    finally:
+        for encoder, table, vocab in saved:
+            encoder.set_input_embeddings(table)
+            encoder.config.vocab_size = vocab
 
 
 def check_compatible(pipe, concept: ConceptFiles, source: str) -> None:
@@ -131,3 +147,26 @@ def generate(pipe, prompt: str, tokens: list[str], num_images: int = 4, steps: i
     mean = store.aggregate() if tokens else torch.zeros(num_images, 0, 1, 1)
     maps = [{t: mean[i, c].cpu() for c, t in enumerate(tokens)} for i in range(num_images)]
     return Generation(images=images, maps=maps, prompt=prompt)
+
+
+def prompt_warnings(pipe, prompt: str, tokens: list[str]) -> list[str]:
+    """What to tell a person before sampling `prompt` with the loaded `tokens`: that it uses none of
+    them (the images would not show the concepts), or that it is longer than the text encoder reads
+    (the rest is cut off, and which loaded tokens fall in the cut part)."""
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(pipe.mcpl_family.expand_prompt(pipe, prompt), truncation=False, verbose=False).input_ids
+    vocab = tokenizer.get_vocab()
+    position = {t: [i for i, x in enumerate(ids) if x in {vocab[v] for v in vocab if v == t or
+                                                            v.startswith(t + "_")}] for t in tokens}
+    warnings_ = []
+    if tokens and not any(position.values()):
+        warnings_.append(f"the prompt uses none of the loaded tokens ({', '.join(tokens)}); the images will "
+                         "not show the concepts. Write them into --prompt, e.g. \"a photo of "
+                         f"{tokens[0]}\"")
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        cut = [t for t, where in position.items() if where and max(where) >= limit - 1]
+        warnings_.append(f"the prompt is {len(ids)} tokens long but this model's text encoder reads {limit} "
+                         f"(start and end included): everything after token {limit - 2} is cut off"
+                         + (f", including {', '.join(cut)}" if cut else ""))
+    return warnings_

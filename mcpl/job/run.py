@@ -70,32 +70,84 @@ def image_attention_maps(trainer: MCPLTrainer, image_index: int, n_timesteps: in
     return {tok.token: mean[i] for i, tok in enumerate(trainer.plan.tokens)}
 
 
+@dataclass
+class JobWork:
+    """One job for `run_jobs`: its inputs, config, bundle folder and the engine callbacks it gets."""
+
+    inputs: Sequence[JobInput]
+    config: TrainConfig
+    out_dir: str | Path
+    callbacks: Sequence[TrainCallback] = ()
+
+
 def run_job(model: str | Components, inputs: Sequence[JobInput], config: TrainConfig, out_dir: str | Path,
             callbacks: Sequence[TrainCallback] = (), options: RunOptions | None = None) -> JobResult:
-    """Train (resuming if checkpoints exist) and write the job's bundle.
+    """Train (resuming if checkpoints exist) and write the job's bundle; raise if it fails."""
+    result = run_jobs(model, [JobWork(inputs, config, out_dir, callbacks)], options)[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def run_jobs(model: str | Components, works: Sequence[JobWork],
+             options: RunOptions | None = None) -> list[JobResult | BaseException]:
+    """Train several jobs on one model, packed into one UNet call per step when there are several
+    (mcpl.method.packing), and write each bundle. A job's failure is its entry in the result;
+    a single job's failure is raised (nothing else to protect).
 
     `model` is a model id/folder, or already loaded Components to share across jobs of one
-    process (the trainer hands them back unchanged).
+    process (the trainers hand them back unchanged).
     """
     options = options or RunOptions()
-    bundle = Bundle(out_dir)
-    bundle.path.mkdir(parents=True, exist_ok=True)
     components = model if isinstance(model, Components) else load_components(model, options.device)
+    bundles = [Bundle(w.out_dir) for w in works]
+    for bundle in bundles:
+        bundle.path.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    trainer = MCPLTrainer(components, inputs, config, bundle.checkpoints, callbacks=callbacks,
-                          progress=options.progress, gradient_checkpointing=options.gradient_checkpointing)
+    if len(works) == 1:
+        work = works[0]
+        trainer = MCPLTrainer(components, work.inputs, work.config, bundles[0].checkpoints, callbacks=work.callbacks,
+                              progress=options.progress, gradient_checkpointing=options.gradient_checkpointing)
+        trainers, closer = [trainer], trainer
+        try:
+            learned: list = [trainer.train()]
+        except BaseException:
+            trainer.close()
+            raise
+    else:
+        from mcpl.method.packing import PackedJob, PackedTrainer
+
+        pack = PackedTrainer(components, [PackedJob(w.inputs, w.config, b.checkpoints, w.callbacks)
+                                          for w, b in zip(works, bundles, strict=True)],
+                             gradient_checkpointing=options.gradient_checkpointing)
+        trainers, closer = pack.trainers, pack
+        learned = pack.train()
+    results: list[JobResult | BaseException] = []
     try:
-        vectors = trainer.train()
-        record = write_bundle(trainer, vectors, bundle)
+        for trainer, vectors, bundle in zip(trainers, learned, bundles, strict=True):
+            if isinstance(vectors, BaseException):
+                results.append(vectors)
+                continue
+            try:
+                record = write_bundle(trainer, vectors, bundle)
+            except Exception as err:  # noqa: BLE001 - one job's bundle failed; the pack's others are fine
+                if len(works) == 1:
+                    raise
+                results.append(err)
+                continue
+            results.append(JobResult(bundle, record))
     finally:
-        trainer.close()
-    record.wall_seconds = round(time.time() - started, 2)
-    if options.samples:
-        template = components.hints.get("templates", ["a photo of {}"])[0]
-        record.samples = write_samples(components.name, bundle, record, options, config.seed,
-                                       str(components.device), template)
-    bundle.write_record(record)
-    return JobResult(bundle, record)
+        closer.close()
+    template = components.hints.get("templates", ["a photo of {}"])[0]
+    for result, work in zip(results, works, strict=True):
+        if isinstance(result, BaseException):
+            continue
+        result.record.wall_seconds = round(time.time() - started, 2)
+        if options.samples:
+            result.record.samples = write_samples(components, result.bundle, result.record, options,
+                                                  work.config.seed, template)
+        result.bundle.write_record(result.record)
+    return results
 
 
 def plan_is_word(label: str, strategy: str) -> bool:
@@ -158,24 +210,25 @@ def write_bundle(trainer: MCPLTrainer, vectors: dict[str, torch.Tensor], bundle:
         history=trainer.history, git_rev=git_revision())
 
 
-def write_samples(model: str, bundle: Bundle, record: JobRecord, options: RunOptions, seed: int, device: str,
+def write_samples(components: Components, bundle: Bundle, record: JobRecord, options: RunOptions, seed: int,
                   template: str = "a photo of {}") -> dict:
     """Generate each concept alone (`template` around "a <token>", in the phrasing the model
-    knows) and all together, with the files diffusers would load."""
-    from mcpl.concepts.generate import generate, load_concepts, load_pipeline
+    knows) and all together, with the files tools load, on the job's already loaded model."""
+    from mcpl.concepts.generate import borrowed_pipeline, generate, load_concepts
 
-    pipe = load_pipeline(model, device)
-    tokens = load_concepts(pipe, list(bundle.concept_files(record).values()))
     written, rows, labels = {}, [], []
     prompts = {c.name: template.format(f"a {c.token}") for c in record.concepts}
     prompts["composed"] = parse_sentence(record.images[0].sentence).as_prompt()
     bundle.samples_dir.mkdir(exist_ok=True)
-    for name, prompt in prompts.items():
-        result = generate(pipe, prompt, tokens, num_images=options.samples, steps=options.sample_steps, seed=seed)
-        rows.append(result.images)
-        labels.append(prompt)
-        rel = Bundle.sample_rel(name)
-        grid([result.images], [prompt]).save(bundle.file(rel))
-        written[name] = {"prompt": prompt, "file": rel}
+    with borrowed_pipeline(components) as pipe:
+        tokens = load_concepts(pipe, list(bundle.concept_files(record).values()))
+        for name, prompt in prompts.items():
+            result = generate(pipe, prompt, tokens, num_images=options.samples, steps=options.sample_steps,
+                              seed=seed)
+            rows.append(result.images)
+            labels.append(prompt)
+            rel = Bundle.sample_rel(name)
+            grid([result.images], [prompt]).save(bundle.file(rel))
+            written[name] = {"prompt": prompt, "file": rel}
     grid(rows, labels).save(bundle.file(Bundle.sample_rel("all")))
     return written

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import lru_cache
 from pathlib import Path
 
 from mcpl.provenance import REPO_ROOT
@@ -39,12 +38,25 @@ def default_model() -> str:
     return str(TINY_FALLBACK)
 
 
-@lru_cache(maxsize=8)
+_KNOWN: dict[str, str] = {}
+
+
+def remember_hash(model: str, digest: str) -> None:
+    """A hash computed elsewhere (a batch's parent process), so a worker does not read the folder again."""
+    _KNOWN[model] = digest
+
+
 def model_hash(model: str) -> str:
     """sha256 over a model folder's weight and config files (names + bytes), short form.
 
-    Cached per process: a batch hashes its model once (a 4 GB folder takes seconds).
+    Computed once per process (and handed to workers): a 4 GB folder takes seconds to read.
     """
+    if model not in _KNOWN:
+        _KNOWN[model] = _hash_folder(model)
+    return _KNOWN[model]
+
+
+def _hash_folder(model: str) -> str:
     path = Path(model)
     if not path.exists():
         return "hub:" + model

@@ -1,6 +1,7 @@
-"""The one job runner: `run_one` runs a job into its bundle, `run_batch` runs many; observers listen.
+"""The one job runner: `run_pack` runs jobs (a pack of one or more) into their bundles; observers listen.
 
-`mcpl batch`, the DVC train stage and the Prefect tasks all call `run_one`. What else
+`mcpl batch`, the DVC train stage, the Prefect tasks and the workers (mcpl.pipeline.workers,
+`run_batch`) all come here. What else
 happens around a job (progress lines, its MLflow run, the registry, Prefect logs) is an
 `Observer`: the runner calls its hooks and hands the engine the TrainCallbacks they
 return; an observer never runs a job itself. Layout under a batch folder:
@@ -94,46 +95,85 @@ def run_one(spec: JobSpec, out_root: str | Path, options: RunOptions | None = No
     the concept cards and outcome.json (so a parent that ran it in another process can
     read it back). `components`: a model already loaded in this process, to share.
     """
-    from mcpl.job.run import run_job
+    return run_pack([spec], out_root, options, observers, components=components, positions=[(index, total)])[0]
+
+
+def run_pack(specs: Sequence[JobSpec], out_root: str | Path, options: RunOptions | None = None,
+             observers: Sequence[Observer] = (), *, components=None,
+             positions: Sequence[tuple[int, int]] | None = None) -> list[JobOutcome]:
+    """Run compatible jobs (same model and latent size) together: one UNet call per step for all
+    of them (mcpl.method.packing), each with its own bundle, outcome and observers' hooks. One
+    job is just a pack of one. Never raises for the jobs' own failures."""
+    from mcpl.job.run import JobWork, run_jobs
 
     options = options or RunOptions()
     out_root = Path(out_root)
-    bundle = Bundle.of(out_root, spec.job_id)
-    outcome = new_outcome(spec, out_root)
-    outcome.device, outcome.worker, outcome.pid = options.device or "", worker_name(), os.getpid()
-    record = bundle.is_done(spec.job_id) if options.skip_done else None
-    checkpoints = list_checkpoints(bundle.checkpoints)
-    job = JobContext(spec, bundle, int(checkpoints[-1].name.split("_")[1]) if checkpoints and record is None else 0,
-                     options.device or "", index, total)
-    outcome.resumed_from = job.resumed_from
-    if record is not None:
-        outcome.status = JobStatus.SKIPPED
-        outcome.fill(record)
-        return _finish(job, outcome, observers)
-    callbacks = [cb for o in observers for cb in o.job_started(job)]
-    started = time.time()
+    positions = list(positions or [(0, 0)] * len(specs))
+    outcomes: dict[int, JobOutcome] = {}
+    live: list[tuple[int, JobContext, JobOutcome, JobWork]] = []
+    for k, spec in enumerate(specs):
+        bundle = Bundle.of(out_root, spec.job_id)
+        outcome = new_outcome(spec, out_root)
+        outcome.device, outcome.worker, outcome.pid = options.device or "", worker_name(), os.getpid()
+        record = bundle.is_done(spec.job_id) if options.skip_done else None
+        checkpoints = list_checkpoints(bundle.checkpoints)
+        job = JobContext(spec, bundle, int(checkpoints[-1].name.split("_")[1]) if checkpoints and record is None
+                         else 0, options.device or "", *positions[k])
+        outcome.resumed_from = job.resumed_from
+        if record is not None:
+            outcome.status = JobStatus.SKIPPED
+            outcome.fill(record)
+            outcomes[k] = _finish(job, outcome, observers)
+            continue
+        callbacks = [cb for o in observers for cb in o.job_started(job)]
+        try:
+            bundle.path.mkdir(parents=True, exist_ok=True)
+            bundle.write_spec(spec.to_dict())
+            live.append((k, job, outcome, JobWork(spec.load_inputs(), spec.config, bundle.path, callbacks)))
+        except Exception as err:  # the job boundary: a job whose inputs do not load fails alone
+            outcomes[k] = _finish(job, _failed(job, outcome, err), observers)
+    if live:
+        started = time.time()
+        model = components if components is not None else live[0][1].spec.model
+        try:
+            results = run_jobs(model, [w for *_, w in live], options)
+        except Exception as err:  # the whole pack failed (the model did not load, one job alone raised, ...)
+            results = [err] * len(live)
+        seconds = round(time.time() - started, 2)
+        for (k, job, outcome, _), result in zip(live, results, strict=True):
+            outcome.seconds = seconds
+            outcomes[k] = _finish(job, _completed(job, outcome, result, options), observers)
+    return [outcomes[k] for k in range(len(specs))]
+
+
+def _completed(job: JobContext, outcome: JobOutcome, result, options: RunOptions) -> JobOutcome:
+    """The outcome of a job the engine ran: done with its record, or failed with its error."""
+    if isinstance(result, BaseException):
+        return _failed(job, outcome, result)
     try:
-        bundle.path.mkdir(parents=True, exist_ok=True)
-        bundle.write_spec(spec.to_dict())
-        result = run_job(components if components is not None else spec.model, spec.load_inputs(), spec.config,
-                         bundle.path, callbacks, options)
-        if result.record.job_id != spec.job_id:
-            raise BundleError(f"the engine recorded job id {result.record.job_id} for job {spec.job_id}; "
+        if result.record.job_id != job.spec.job_id:
+            raise BundleError(f"the engine recorded job id {result.record.job_id} for job {job.spec.job_id}; "
                               "its inputs differ from the manifest (validate again)")
-        concept_cards(bundle)
-        bundle.clear_error()
-        outcome.status = JobStatus.DONE
-        outcome.fill(result.record)
-        outcome.first_step = job.resumed_from + 1 if result.record.steps > job.resumed_from else None
-        if not options.keep_checkpoints:
-            shutil.rmtree(bundle.checkpoints, ignore_errors=True)
-    except Exception as err:  # the job boundary: one job's failure, of any kind, must not stop the batch
-        outcome.error = f"{type(err).__name__}: {err}"
-        if not any(Path(i).name in str(err) for i in spec.images):  # say which input, if the error does not
-            outcome.error += f" [{spec.label}: {', '.join(spec.images)}]"
-        bundle.write_error(traceback.format_exc())
-    outcome.seconds = round(time.time() - started, 2)
-    return _finish(job, outcome, observers)
+        concept_cards(job.bundle)
+    except Exception as err:  # the job boundary, as above
+        return _failed(job, outcome, err)
+    job.bundle.clear_error()
+    outcome.status = JobStatus.DONE
+    outcome.fill(result.record)
+    outcome.first_step = job.resumed_from + 1 if result.record.steps > job.resumed_from else None
+    if not options.keep_checkpoints:
+        shutil.rmtree(job.bundle.checkpoints, ignore_errors=True)
+    return outcome
+
+
+def _failed(job: JobContext, outcome: JobOutcome, err: BaseException) -> JobOutcome:
+    spec = job.spec
+    outcome.status = JobStatus.FAILED
+    outcome.error = f"{type(err).__name__}: {err}"
+    if not any(Path(i).name in str(err) for i in spec.images):  # say which input, if the error does not
+        outcome.error += f" [{spec.label}: {', '.join(spec.images)}]"
+    job.bundle.write_error("".join(traceback.format_exception(err)))
+    return outcome
 
 
 def _finish(job: JobContext, outcome: JobOutcome, observers: Sequence[Observer]) -> JobOutcome:
@@ -186,12 +226,3 @@ class BatchRun:
             o.batch_finished(self.summary)
         self.summary.write()
         return self.summary
-
-
-def run_batch(jobs: Sequence[JobSpec], out_root: str | Path, options: RunOptions | None = None,
-              observers: Sequence[Observer] = (), **context) -> BatchSummary:
-    """Run every job in this process, one after another; never stops at a failing job."""
-    batch = BatchRun(jobs, out_root, options, observers, **context).start()
-    for spec in jobs:
-        batch.run_one(spec)
-    return batch.finish()

@@ -304,3 +304,44 @@ def test_model_hints_set_learning_rate_and_templates_unless_config_overrides(tin
     assert trainer.lr == 0.0123 and plain.lr != 0.0123
     assert trainer.plan.templates == ["{}"]
     assert make_trainer(str(hinted), TrainConfig(steps=1, learning_rate=0.002)).lr == 0.002
+
+
+def test_gradient_checkpointing_gives_the_same_rows(tiny_model):
+    """A memory option, not a different method: the learned rows match a run without it."""
+    config = TrainConfig.full_mcpl(steps=3, batch_size=2)
+    plain = make_trainer(tiny_model, config)
+    plain.train()
+    inputs = [JobInput.from_text(two_square_image(), TWO)]
+    checkpointed = MCPLTrainer(load_components(tiny_model), inputs, config, progress=False,
+                               gradient_checkpointing=True)
+    assert checkpointed.c.unet.is_gradient_checkpointing
+    checkpointed.train()
+    assert torch.allclose(plain.embedding.rows, checkpointed.embedding.rows, atol=1e-5)
+
+
+def test_a_step_reads_nothing_back_from_the_device_until_logs_are_flushed(tiny_model):
+    """Losses stay tensors in the step; numbers are made only when logs are flushed (every N steps on a GPU)."""
+    trainer = MCPLTrainer(load_components(tiny_model), [JobInput.from_text(two_square_image(), TWO)],
+                          TrainConfig.full_mcpl(steps=4, batch_size=2), progress=False, log_every=3)
+    seen = []
+
+    class Watch:
+        def on_step(self, step, logs):
+            seen.append(step)
+
+        def on_checkpoint(self, step, path):
+            pass
+
+    trainer.callbacks.append(Watch())
+    end = trainer.begin()
+    logs = trainer._step()
+    assert all(isinstance(v, torch.Tensor) for k, v in logs.items() if k != "lr")
+    trainer.record(logs, 0.0)
+    assert seen == [] and trainer.history == []  # pending: not read back yet
+    for _ in range(2):
+        trainer.record(trainer._step(), 0.0)
+    assert seen == [1, 2, 3]
+    while trainer.step < end:
+        trainer.record(trainer._step(), 0.0)
+    trainer.end()
+    assert seen == [1, 2, 3, 4] and [h["step"] for h in trainer.history] == [1, 2, 3, 4]

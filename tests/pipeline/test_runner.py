@@ -11,7 +11,8 @@ from helpers.data import SENTENCE, add_good_files, write_jsonl
 from mcpl.cli import main
 from mcpl.config import RunOptions, TrainConfig
 from mcpl.pipeline.data import load_jobs, rejected_rows, validate_dataset
-from mcpl.pipeline.runner import Observer, run_batch
+from mcpl.pipeline.runner import Observer
+from mcpl.pipeline.workers import run_batch
 
 FAST = TrainConfig(steps=2, batch_size=2, map_timesteps=2, checkpoint_every=1)
 

@@ -175,6 +175,10 @@ class Family:
     def pipeline_stacks(self, pipe) -> list[TextStack]:
         raise NotImplementedError
 
+    def pipeline_from(self, c: Components):
+        """A sampling pipeline on already loaded components (shared modules, copied tokenizers)."""
+        raise NotImplementedError
+
     def add_rows(self, pipe, token: str, vectors: list[torch.Tensor]) -> None:
         """Load one concept's rows (one tensor [n, width] per text stack) into a sampling pipeline."""
         raise NotImplementedError

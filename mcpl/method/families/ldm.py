@@ -59,6 +59,18 @@ class LatentDiffusion(Family):
         pipe.mcpl_vectors = {}  # token -> its vector tokens (tok, tok_1, ...), for expand_prompt
         return pipe
 
+    def pipeline_from(self, c):
+        import copy
+
+        from diffusers import DDIMScheduler, LDMTextToImagePipeline
+
+        pipe = LDMTextToImagePipeline(vqvae=c.vae, bert=c.stacks[0].encoder,
+                                      tokenizer=copy.deepcopy(c.stacks[0].tokenizer), unet=c.unet,
+                                      scheduler=DDIMScheduler.from_pretrained(c.name, subfolder="scheduler"))
+        pipe.tokenizer.model_max_length = PROMPT_TOKENS
+        pipe.mcpl_vectors = {}
+        return pipe
+
     def pipeline_stacks(self, pipe) -> list[TextStack]:
         return [TextStack("bert", pipe.tokenizer, pipe.bert, max_length=PROMPT_TOKENS)]
 

@@ -41,6 +41,16 @@ class StableDiffusion(Family):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return pipe
 
+    def pipeline_from(self, c):
+        import copy
+
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=c.vae, text_encoder=c.stacks[0].encoder,
+                                       tokenizer=copy.deepcopy(c.stacks[0].tokenizer), unet=c.unet,
+                                       scheduler=DDIMScheduler.from_pretrained(c.name, subfolder="scheduler"),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
     def pipeline_stacks(self, pipe) -> list[TextStack]:
         return [TextStack("text_encoder", pipe.tokenizer, pipe.text_encoder)]
 

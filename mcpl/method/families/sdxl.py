@@ -86,6 +86,16 @@ class StableDiffusionXL(Family):
         fix_legacy_eos(pipe.text_encoder_2, pipe.tokenizer_2)
         return pipe
 
+    def pipeline_from(self, c):
+        import copy
+
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=c.stacks[0].encoder, text_encoder_2=c.stacks[1].encoder,
+            tokenizer=copy.deepcopy(c.stacks[0].tokenizer), tokenizer_2=copy.deepcopy(c.stacks[1].tokenizer),
+            unet=c.unet, scheduler=DDIMScheduler.from_pretrained(c.name, subfolder="scheduler"), add_watermarker=False)
+
     def pipeline_stacks(self, pipe) -> list[TextStack]:
         return [TextStack("text_encoder", pipe.tokenizer, pipe.text_encoder, "clip_l", ""),
                 TextStack("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2, "clip_g", "_2")]

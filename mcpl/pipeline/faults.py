@@ -1,10 +1,10 @@
-"""Fault injection for the orchestration tests (inactive unless MCPL_FAULT_AT_STEP is set).
+"""Fault injection for the resume tests (inactive unless MCPL_FAULT_AT_STEP is set).
 
 MCPL_FAULT_AT_STEP=N: a job crashes once when it reaches training step N (after the
 checkpoints written so far), so its retry must resume from the checkpoint.
 MCPL_FAULT_JOBS=prefix,...: only jobs whose id starts with one of these.
 MCPL_FAULT_MODE=raise (default) or kill: kill = SIGKILL of the job's own process, honoured
-only where the job runs in a process of its own (flows/job_process.py).
+only where the job runs in a process of its own (a worker).
 """
 
 from __future__ import annotations
