@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--table", default=None, help="table file name inside DATASET (default rows.jsonl or rows.csv)")
     v.add_argument("--model", default=None, help="base model whose tokenizer checks the sentences "
                                                   "(default: the embedded toy-world model)")
-    v.add_argument("--max-pixels", type=int, default=None,
+    v.add_argument("--max-pixels", type=_positive, default=None,
                    help="largest image accepted, width x height (default 40,000,000)")
     v.add_argument("--keep-going", action="store_true",
                    help="exit 0 even if rows were rejected (they stay listed in the manifest); for pipelines")
@@ -44,6 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--group", type=_boolean, default=True, metavar="{true,false}",
                    help="add the two-image MCPL-diverse group (default true)")
     e.set_defaults(handler=run_example)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels, got {value}")
+    return value
 
 
 def _boolean(text: str) -> bool:

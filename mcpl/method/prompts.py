@@ -2,18 +2,31 @@
 
 Syntax (docs/FORMAT.md): `a photo of a brown <dog|dog|brown> on a rolling <skateboard|board>`.
 Everything here is pure text; the tokenizer is only consulted through `check_against_vocab`.
+Text hygiene for anything a user writes into a table lives here too (`text_problem`,
+`visible`): a sentence, a path or a name with a control character, a bidi override or a
+zero-width character is refused, and no user text ever reaches a terminal unescaped.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mcpl.errors import SentenceError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-WORD_RE = re.compile(r"[A-Za-z0-9'-]+|[^\sA-Za-z0-9'-]")
+# A word: letters and digits of any script, ' and -; anything else is a one-character word.
+# (For ASCII this is exactly [A-Za-z0-9'-]+; "café" stays one word instead of "caf" + "é".)
+WORD_RE = re.compile(r"(?:[^\W_]|['-])+|[^\s]")
+MAX_SENTENCE_CHARS = 1000  # any real caption is far shorter; the token limit (77 for SD) bites first
+# Unicode categories refused in user text: controls (NUL, BEL, ESC of ANSI sequences, line
+# breaks, tabs), format characters (bidi overrides like U+202E, zero-width spaces and joiners,
+# soft hyphens, BOM), surrogates, private use, unassigned, line/paragraph separators.
+_BAD_CATEGORIES = {"Cc": "control character", "Cf": "invisible formatting character",
+                   "Cs": "lone surrogate", "Co": "private-use character", "Cn": "unassigned code point",
+                   "Zl": "line separator", "Zp": "paragraph separator"}
 ARTICLES = {"a", "an", "the"}
 PREFIXES = ("a photo of ", "a picture of ", "an image of ", "a rendering of ")
 TEMPLATES = (
@@ -64,26 +77,74 @@ class Sentence:
         return re.sub(r" ([.,!?;:])", r"\1", text)
 
 
+# --------------------------------------------------------------------------------------
+# Text hygiene: what user text may contain, and how it is shown.
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be used as a sentence, name or path (None if it can).
+
+    Names the first offending character with its code point and Unicode name, so a user
+    can find an invisible one (`U+202E RIGHT-TO-LEFT OVERRIDE at character 7`).
+    """
+    for i, ch in enumerate(text):
+        kind = _BAD_CATEGORIES.get(unicodedata.category(ch))
+        if kind:
+            name = unicodedata.name(ch, "") or {"\t": "TAB", "\n": "LINE FEED", "\r": "CARRIAGE RETURN",
+                                                "\x00": "NUL", "\x1b": "ESCAPE", "\x07": "BELL"}.get(ch, "")
+            return f"{kind} U+{ord(ch):04X}{' ' + name if name else ''} at character {i}"
+    return None
+
+
+def visible(text: object, limit: int | None = None) -> str:
+    """`text` safe for a terminal: every non-printable character escaped (`\\x1b`, `\\u202e`), optionally cut.
+
+    Used wherever user-provided text is printed (validation reports, `mcpl registry show`):
+    an ANSI escape or a bidi override in a sentence must never act on the terminal.
+    """
+    text = str(text)
+    cut = ""
+    if limit is not None and len(text) > limit:
+        text, cut = text[:limit], f"... ({len(text) - limit:,} more characters)"
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in text) + cut
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """A user's text quoted for an error message: repr (escapes controls), cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text):,} characters)"
+
+
 def parse_sentence(text: str) -> Sentence:
-    """Parse the concept syntax; raise SentenceError naming what is wrong."""
+    """Parse the concept syntax; raise SentenceError naming what is wrong.
+
+    Refused before parsing: more than MAX_SENTENCE_CHARS characters, and any control,
+    invisible-formatting or unassigned character (text_problem). Words are read from the
+    NFC form of the text, so a decomposed "é" is the same word as a composed one.
+    """
     if not isinstance(text, str) or not text.strip():
         raise SentenceError("empty sentence")
+    if len(text) > MAX_SENTENCE_CHARS:
+        raise SentenceError(f"the sentence is {len(text):,} characters long; the limit is {MAX_SENTENCE_CHARS:,}")
+    problem = text_problem(text)
+    if problem:
+        raise SentenceError(f"the sentence contains a {problem}: {shown(text)}; remove it")
+    source, text = text, unicodedata.normalize("NFC", text)
     pieces: list[str | Concept] = []
     pos = 0
     for match in re.finditer(r"[<>]", text):
         if match.start() < pos:
             continue
         if match.group() == ">":
-            raise SentenceError(f"unbalanced '>' at character {match.start()} in {text!r}")
+            raise SentenceError(f"unbalanced '>' at character {match.start()} in {shown(text)}")
         end = text.find(">", match.start())
         nested = text.find("<", match.start() + 1)
         if end < 0 or (0 <= nested < end):
-            raise SentenceError(f"unbalanced '<' at character {match.start()} in {text!r}")
+            raise SentenceError(f"unbalanced '<' at character {match.start()} in {shown(text)}")
         pieces.extend(WORD_RE.findall(text[pos : match.start()]))
         pieces.append(_parse_marker(text[match.start() + 1 : end], text))
         pos = end + 1
     pieces.extend(WORD_RE.findall(text[pos:]))
-    sentence = Sentence(source=text, pieces=tuple(pieces))
+    sentence = Sentence(source=source, pieces=tuple(pieces))
     _validate(sentence)
     return sentence
 
@@ -91,13 +152,14 @@ def parse_sentence(text: str) -> Sentence:
 def _parse_marker(body: str, text: str) -> Concept:
     fields = [f.strip() for f in body.split("|")]
     if len(fields) > 3:
-        raise SentenceError(f"marker <{body}> has {len(fields)} fields; expected <name|init|adjective>")
+        raise SentenceError(f"marker {shown('<' + body + '>')} has {len(fields)} fields; "
+                            "expected <name|init|adjective>")
     name = fields[0]
     if not name or not NAME_RE.match(name):
-        raise SentenceError(f"invalid placeholder name {name!r} in {text!r} (letters, digits, _ and -)")
+        raise SentenceError(f"invalid placeholder name {shown(name)} in {shown(text)} (letters, digits, _ and -)")
     initializer = fields[1] if len(fields) > 1 else name
     if not initializer or not re.match(r"^[\w'-]+$", initializer):
-        raise SentenceError(f"invalid initializer word {initializer!r} for <{name}> (one word)")
+        raise SentenceError(f"invalid initializer word {shown(initializer)} for <{name}> (one word)")
     adjective = fields[2] if len(fields) > 2 and fields[2] else None
     return Concept(name=name, initializer=initializer.lower(), adjective=adjective.lower() if adjective else None)
 
@@ -105,7 +167,7 @@ def _parse_marker(body: str, text: str) -> Concept:
 def _validate(sentence: Sentence) -> None:
     concepts = sentence.concepts
     if not concepts:
-        raise SentenceError(f"no placeholder in {sentence.source!r}; mark concepts like <dog|dog>")
+        raise SentenceError(f"no placeholder in {shown(sentence.source)}; mark concepts like <dog|dog>")
     names = [c.name for c in concepts]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -113,7 +175,7 @@ def _validate(sentence: Sentence) -> None:
     words = {w.lower() for w in sentence.words}
     for c in concepts:
         if c.adjective and c.adjective not in words:
-            raise SentenceError(f"adjective {c.adjective!r} of <{c.name}> is not a word of the sentence")
+            raise SentenceError(f"adjective {shown(c.adjective)} of <{c.name}> is not a word of the sentence")
 
 
 def check_against_vocab(sentences: Sequence[Sentence], vocab: set[str] | dict[str, int]) -> None:

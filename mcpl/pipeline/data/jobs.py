@@ -79,7 +79,7 @@ def dataset_root(manifest_path: Path, meta: dict[str, str]) -> Path:
         return relative.resolve()
     absolute = Path(meta.get("dataset", ""))
     if absolute.is_dir():
-        return absolute
+        return absolute.resolve()
     raise DatasetError(f"the dataset of {manifest_path} ({meta.get('dataset')}) is gone; validate again")
 
 
@@ -90,6 +90,11 @@ class JobPlan:
     jobs: list[JobSpec]
     merged: list[dict] = field(default_factory=list)  # {"row", "duplicate_of": [rows], "job_id"}
     rejected: list[dict] = field(default_factory=list)
+    table_rows: int = 0  # rows of the table: the jobs' rows, merged and rejected rows add up to it
+
+    def accounted(self) -> int:
+        """How many table rows the plan accounts for (always `table_rows`: plan_jobs checks it)."""
+        return sum(len(j.rows) for j in self.jobs) + len(self.merged) + len(self.rejected)
 
 
 def plan_jobs(manifest_path: str | Path, source: ConfigSource | TrainConfig, model: str) -> JobPlan:
@@ -105,9 +110,14 @@ def plan_jobs(manifest_path: str | Path, source: ConfigSource | TrainConfig, mod
     root = dataset_root(manifest_path, meta)
     max_pixels = int(meta.get("max_pixels") or DEFAULT_MAX_PIXELS)
     by_key: dict[str, list[dict]] = {}
+    unplanned: list[dict] = []
     for row in rows:
         if row["status"] == "ok" and row["job_key"]:
             by_key.setdefault(row["job_key"], []).append(row)
+        elif row["status"] == "ok":  # never written by validate_dataset; a hand-edited manifest
+            unplanned.append({"row": row["row"], "line": row["line"], "image": row["image"],
+                              "sentence": row["sentence"], "errors": [],
+                              "error": "(row): the manifest gives this valid row no job; validate again"})
     jobs: dict[str, JobSpec] = {}
     merged: list[dict] = []
     for members in by_key.values():
@@ -125,7 +135,11 @@ def plan_jobs(manifest_path: str | Path, source: ConfigSource | TrainConfig, mod
                        for r in spec.rows]
             continue
         jobs[spec.job_id] = spec
-    return JobPlan(list(jobs.values()), merged, rejected_rows(manifest_path))
+    plan = JobPlan(list(jobs.values()), merged, rejected_rows(manifest_path) + unplanned, len(rows))
+    if plan.accounted() != plan.table_rows:  # every row has exactly one fate: a summary never loses one
+        raise DatasetError(f"{manifest_path}: {plan.accounted()} row(s) planned for {plan.table_rows} table rows; "
+                           "the manifest is inconsistent, validate again")
+    return plan
 
 
 def load_jobs(manifest_path: str | Path, source: ConfigSource | TrainConfig, model: str) -> list[JobSpec]:

@@ -8,9 +8,11 @@ the file the row starts on.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,68 @@ REQUIRED = ("image", "sentence")
 OPTIONAL = ("masks", "group", "overrides", "meta")
 COLUMNS = REQUIRED + OPTIONAL
 JSON_CELLS = ("masks", "overrides", "meta")  # CSV cells holding JSON
+MAX_TABLE_BYTES = 256 * 1024 * 1024  # a table of a million rows is ~200 MB; anything larger is not a table
+MAX_JSON_DEPTH = 32  # no column needs more than 3 levels; deep nesting is an attack on the parser
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # (32 before 16: FF FE 00 00)
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+csv.field_size_limit(2**31 - 1)  # the csv module's 128 KiB default would split a long cell into bogus rows;
+# our own per-column limits (mcpl.pipeline.data.validate) reject an oversized cell by name instead
+
+
+class JSONProblem(ValueError):
+    """JSON that parses under Python's lenient rules but is not usable data (duplicate keys, NaN, 1e400)."""
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise JSONProblem(f"key(s) {', '.join(map(repr, dupes))} appear more than once in one object")
+    return dict(pairs)
+
+
+def _constant(name: str) -> float:
+    raise JSONProblem(f"{name} is not a JSON number")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JSONProblem(f"number {text[:40]} is too large (not a finite double)")
+    return value
+
+
+def parse_json(text: str) -> object:
+    """Strict JSON: duplicate keys, NaN/Infinity, overflowing numbers and absurd nesting are errors.
+
+    Raises ValueError with a readable message (json's own errors included).
+    """
+    try:
+        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
+    except JSONProblem:
+        raise
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{err.msg} at character {err.colno}") from None
+    except RecursionError:
+        raise JSONProblem(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise JSONProblem(str(err).split(";")[0]) from None
+    if too_deep(value):
+        raise JSONProblem(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a parsed JSON value nests objects/arrays more than `limit` deep (iterative, stops early)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack += [(v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return False
 
 
 @dataclass
@@ -51,6 +114,8 @@ def find_table(root: Path, table: str | None = None) -> Path:
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
     if table:
         path = root / table
+        if Path(table).name != table or table in (".", ".."):
+            raise DatasetError(f"--table {table!r} must be a file name inside {root}, not a path")
         if not path.is_file():
             raise DatasetError(f"table {path} not found")
         return path
@@ -65,12 +130,14 @@ def find_table(root: Path, table: str | None = None) -> Path:
 def read_table(path: Path) -> Table:
     """Parse a .jsonl or .csv table; per-row decoding and shape problems become row errors."""
     try:
+        size = path.stat().st_size
+        if size > MAX_TABLE_BYTES:
+            raise DatasetError(f"table {path} is {size:,} bytes; the limit is {MAX_TABLE_BYTES:,} "
+                               "(split the dataset into several folders)")
         data = path.read_bytes()
     except OSError as err:
-        raise DatasetError(f"cannot read table {path}: {err}") from err
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]  # UTF-8 byte-order mark (Excel writes one)
-    text = data.decode("utf-8", errors="surrogateescape")
+        raise DatasetError(f"cannot read table {path}: {err.strerror or err}") from None
+    text = _decode(path, data)
     if path.suffix.lower() == ".jsonl":
         table = Table(path, _jsonl_rows(text))
     elif path.suffix.lower() == ".csv":
@@ -80,6 +147,34 @@ def read_table(path: Path) -> Table:
     if not table.rows:
         raise DatasetError(f"table {path} has no data rows")
     return table
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 (a byte-order mark is fine); UTF-16/32 with a byte-order mark too (Excel's "Unicode text").
+
+    Undecodable bytes survive as surrogate escapes, so the rows holding them are named.
+    """
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"table {path} starts with a {codec.upper()} byte-order mark but is not "
+                                   f"valid {codec.upper()} ({err.reason} at byte {err.start}); save it as UTF-8") \
+                    from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[3:]  # UTF-8 byte-order mark (Excel writes one)
+    head = data[:4096]
+    if len(head) >= 4 and head.count(0) * 4 >= len(head):
+        raise DatasetError(f"table {path} looks like UTF-16/UTF-32 text without a byte-order mark "
+                           "(every other byte is 0); save it as UTF-8")
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at LF, CRLF or a lone CR only (str.splitlines would also split at U+2028, \\x1c, ...,
+    which are legal inside a JSON string, and so cut one row into two)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def _bad_utf8(text: str) -> str | None:
@@ -93,7 +188,8 @@ def _bad_utf8(text: str) -> str | None:
 
 def _jsonl_rows(text: str) -> list[RawRow]:
     rows: list[RawRow] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(_lines(text), start=1):
+        line = line.removeprefix("\ufeff")  # a byte-order mark where two files were concatenated
         if not line.strip():
             continue
         raw = RawRow(row=len(rows) + 1, line=line_no, values=None)
@@ -103,9 +199,9 @@ def _jsonl_rows(text: str) -> list[RawRow]:
             raw.error("(row)", bad)
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raw.error("(row)", f"not valid JSON: {err.msg} at character {err.colno}")
+            value = parse_json(line)
+        except ValueError as err:
+            raw.error("(row)", f"not valid JSON: {err}")
             continue
         if not isinstance(value, dict):
             raw.error("(row)", f"expected a JSON object per line, got {type(value).__name__}")
@@ -121,20 +217,27 @@ def _csv_table(path: Path, text: str) -> Table:
     rows: list[RawRow] = []
     try:
         header = next(reader)
+        while not any(h.strip() for h in header):  # blank lines before the header
+            header = next(reader)
     except StopIteration:
         raise DatasetError(f"table {path} is empty") from None
     except csv.Error as err:
-        raise DatasetError(f"cannot parse the header of {path}: {err}") from err
+        raise DatasetError(f"cannot parse the header of {path}: {err}") from None
     header = [h.strip() for h in header]
     bad = _bad_utf8(",".join(header))
     if bad:
         header_errors.append(f"header: {bad}")
-    unknown = [h for h in header if h not in COLUMNS]
+    unknown = [h for h in header if h not in COLUMNS and h]  # unnamed columns (a trailing comma) must stay empty
     missing = [c for c in REQUIRED if c not in header]
-    dupes = sorted({h for h in header if header.count(h) > 1})
+    dupes = sorted({h for h in header if h and header.count(h) > 1})
     if unknown:
-        header_errors.append(f"unknown column(s) {', '.join(map(repr, unknown))} in the header "
-                             f"(allowed: {', '.join(COLUMNS)})")
+        hint = ""
+        if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+            hint = "; the header looks separated by ';', tab or '|': mcpl reads comma-separated CSV"
+        elif any(h.lower() in COLUMNS for h in unknown):
+            hint = "; column names are lowercase"
+        header_errors.append(f"unknown column(s) {', '.join(repr(h[:60]) for h in unknown[:10])} in the header "
+                             f"(allowed: {', '.join(COLUMNS)}){hint}")
     if missing:
         header_errors.append(f"missing required column(s) {', '.join(map(repr, missing))} in the header")
     if dupes:
@@ -147,7 +250,11 @@ def _csv_table(path: Path, text: str) -> Table:
             break
         except csv.Error as err:
             raw = RawRow(row=len(rows) + 1, line=line, values=None)
-            raw.error("(row)", f"CSV syntax error: {err}")
+            message = f"CSV syntax error: {err}"
+            if "unexpected end of data" in str(err):
+                message = (f"a quoted cell starting on line {line} is never closed: lines {line} to "
+                           f"{reader.line_num} were read as one row; close the quote (double a quote inside a cell)")
+            raw.error("(row)", message)
             rows.append(raw)
             continue
         if not any(c.strip() for c in cells):
@@ -165,14 +272,16 @@ def _csv_table(path: Path, text: str) -> Table:
                                f"({', '.join(header)}); quote cells that contain commas")
             continue
         values: dict[str, object] = {}
-        for name, cell in zip(header, cells, strict=True):
+        for i, (name, cell) in enumerate(zip(header, cells, strict=True), start=1):
+            if not name and cell.strip():
+                raw.error("(row)", f"cell {i} has a value ({cell[:40]!r}) but its column has no name in the header")
             if name not in COLUMNS or cell.strip() == "":
                 continue
             if name in JSON_CELLS:
                 try:
-                    values[name] = json.loads(cell)
-                except json.JSONDecodeError as err:
-                    raw.error(name, f"cell is not valid JSON ({err.msg}): {cell[:60]!r}")
+                    values[name] = parse_json(cell)
+                except ValueError as err:
+                    raw.error(name, f"cell is not valid JSON ({err}): {cell[:60]!r}")
             else:
                 values[name] = cell.strip() if name != "sentence" else cell
         raw.values = values

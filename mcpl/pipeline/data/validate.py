@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -20,13 +21,36 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from mcpl.config import TrainConfig
+from mcpl.job.bundle import portable_path
 from mcpl.method.inputs import image_hash
-from mcpl.method.prompts import Sentence, SentenceError, check_against_vocab, parse_sentence, plan_prompts
-from mcpl.pipeline.data.files import DEFAULT_MAX_PIXELS, FileCheckError, load_image, load_mask, mask_pixels
+from mcpl.method.prompts import (
+    Sentence,
+    SentenceError,
+    check_against_vocab,
+    parse_sentence,
+    plan_prompts,
+    shown,
+    text_problem,
+    visible,
+)
+from mcpl.pipeline.data.files import (
+    DEFAULT_MAX_PIXELS,
+    FileCheckError,
+    check_path_text,
+    load_image,
+    load_mask,
+    mask_pixels,
+)
 from mcpl.pipeline.data.table import DatasetError, RawRow, find_table, read_table
 
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_VERSION = "1"
+MAX_GROUP_CHARS = 100  # a group name becomes part of registry names and file names
+MAX_JSON_CHARS = 65_536  # `meta` / `overrides` as JSON text: they are kept in every manifest row
+MAX_ASPECT = 2.0  # training sees the centred square: a wider image loses more than half of itself
+# A cell starting with one of these is a formula in Excel / LibreOffice / Sheets (CSV injection):
+# no sentence, name or path of ours starts like that, so such a cell is refused, never stored.
+FORMULA_START = ("=", "+", "-", "@")
 
 _ERROR = pa.struct([("column", pa.string()), ("message", pa.string())])
 _MASK = pa.struct([("token", pa.string()), ("path", pa.string())])
@@ -97,17 +121,27 @@ class RowResult:
         self.errors.append((column, message))
 
     def to_record(self) -> dict:
+        """The manifest row. Text is stored as given, except what UTF-8 cannot hold (lone surrogates),
+        which is escaped: a hostile value must never stop the manifest from being written."""
+        s = _storable
         return {
-            "row": self.row, "line": self.line, "status": self.status, "error": self.error,
-            "errors": [{"column": c, "message": m} for c, m in self.errors], "warnings": self.warnings,
-            "image": self.image, "sentence": self.sentence,
-            "masks": [{"token": t, "path": p} for t, p in self.masks.items()], "group": self.group,
+            "row": self.row, "line": self.line, "status": self.status, "error": s(self.error),
+            "errors": [{"column": s(c), "message": s(m)} for c, m in self.errors],
+            "warnings": [s(w) for w in self.warnings],
+            "image": s(self.image), "sentence": s(self.sentence),
+            "masks": [{"token": t, "path": s(p)} for t, p in self.masks.items()], "group": s(self.group),
             "overrides": json.dumps(self.overrides, sort_keys=True),
             "meta": None if self.meta is None else json.dumps(self.meta, sort_keys=True),
             "concepts": self.concepts, "image_hash": self.image_hash, "file_bytes": self.file_bytes,
             "format": self.format, "mode": self.mode, "width": self.width, "height": self.height,
             "converted": self.converted, "job_key": self.job_key if self.ok else None,
         }
+
+
+def _storable(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -138,7 +172,13 @@ class ValidationReport:
         return list(dict.fromkeys(r.job_key for r in self.valid if r.job_key))
 
     def render(self) -> str:
-        """A readable summary: counts, then one line per rejection reason, then warnings."""
+        """A readable summary: counts, then one line per rejection reason, then warnings.
+
+        Safe to print: every non-printable character of user text is escaped (`visible`).
+        """
+        return "\n".join(visible(line) for line in self._lines())
+
+    def _lines(self) -> list[str]:
         lines = [f"dataset {self.root} ({self.table.name}): {len(self.rows)} row(s), {len(self.valid)} valid, "
                  f"{len(self.rejected)} rejected -> {len(self.job_keys)} job(s)"]
         if self.manifest:
@@ -158,7 +198,7 @@ class ValidationReport:
         if warned:
             lines.append("warnings:")
             lines += [f"  row {r.row}: {w}" for r in warned for w in r.warnings]
-        return "\n".join(lines)
+        return lines
 
     def __str__(self) -> str:
         return self.render()
@@ -168,14 +208,14 @@ class Vocabulary:
     """The base model's tokenizer, for the checks that need it (no other model part is loaded)."""
 
     def __init__(self, model: str):
-        from transformers import CLIPTokenizer
+        from transformers import AutoTokenizer  # the primary tokenizer of any family (CLIP, or LDM's BERT)
 
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+            self.tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
         except (OSError, ValueError) as err:
             raise DatasetError(f"cannot load the tokenizer of model {model!r}: {err}") from err
         self.vocab = self.tokenizer.get_vocab()
-        self.limit = int(self.tokenizer.model_max_length)
+        self.limit = min(int(self.tokenizer.model_max_length), 77)  # LDM's pipeline reads 77 tokens
 
     @lru_cache(maxsize=4096)  # noqa: B019 - one instance per validation; words repeat
     def ids(self, word: str) -> tuple[int, ...]:
@@ -188,6 +228,13 @@ class Vocabulary:
             check_against_vocab([sentence], self.vocab)
         except SentenceError as err:
             errors.append(f"{err}; rename the placeholder")
+        unk = self.tokenizer.unk_token_id
+        for word in dict.fromkeys(sentence.words):
+            ids = self.ids(word)
+            if not ids or (unk is not None and unk in ids and word not in self.vocab):
+                codes = " ".join(f"U+{ord(ch):04X}" for ch in word[:8])
+                errors.append(f"the word {shown(word)} ({codes}) cannot be written with the model's tokenizer "
+                              f"(it would become {self.tokenizer.unk_token or 'nothing'}); remove or replace it")
         for c in sentence.concepts:
             ids = self.ids(c.initializer)
             unk = self.tokenizer.unk_token_id
@@ -222,7 +269,7 @@ def validate_dataset(root: str | Path, manifest_path: str | Path | None = None, 
 
         model = default_model()
     vocab = Vocabulary(model)
-    results = [_check_row(raw, root, vocab, max_pixels) for raw in parsed.rows]
+    results = [check_row(raw, root, vocab, max_pixels) for raw in parsed.rows]
     _check_duplicates(results)
     _check_groups(results)
     _assign_job_keys(results)
@@ -234,33 +281,80 @@ def validate_dataset(root: str | Path, manifest_path: str | Path | None = None, 
 
 
 # ------------------------------------------------------------------------------- rows
-def _check_row(raw: RawRow, root: Path, vocab: Vocabulary, max_pixels: int) -> RowResult:
+def check_row(raw: RawRow, root: Path, vocab: Vocabulary, max_pixels: int) -> RowResult:
+    """One table row, checked column by column; never raises.
+
+    This is a boundary: a row must not stop the table. Each column's check runs on its
+    own, and an unexpected exception in one becomes that column's error (with its type),
+    so the manifest is still written and every other row and column is still checked.
+    """
     r = RowResult(row=raw.row, line=raw.line, errors=list(raw.errors))
     values = raw.values
     if values is None:
         return r
     r.image = _text(values.get("image"))
     r.sentence = _text(values.get("sentence"))
-    r.meta = values.get("meta")
-    if r.meta is not None and not isinstance(r.meta, dict):
-        r.reject("meta", f"expected a JSON object, got {type(r.meta).__name__}")
-    group = values.get("group")
-    if group is not None:
-        if isinstance(group, bool) or not isinstance(group, str | int):
-            r.reject("group", f"expected a name (text), got {type(group).__name__}")
-        elif str(group).strip():
-            r.group = str(group).strip()
-    strategy, num_vectors = _check_overrides(r, values.get("overrides"))
-    image = _check_image(r, root, values.get("image"), max_pixels)
-    sentence = _check_sentence(r, vocab, values.get("sentence"), strategy, num_vectors)
-    _check_masks(r, root, values.get("masks"), sentence, image, max_pixels)
+    _guard(r, "meta", _check_meta, r, values.get("meta"))
+    _guard(r, "group", _check_group, r, values.get("group"))
+    strategy, num_vectors = _guard(r, "overrides", _check_overrides, r, values.get("overrides")) or ("one", 1)
+    image = _guard(r, "image", _check_image, r, root, values.get("image"), max_pixels)
+    sentence = _guard(r, "sentence", _check_sentence, r, vocab, values.get("sentence"), strategy, num_vectors)
+    _guard(r, "masks", _check_masks, r, root, values.get("masks"), sentence, image, max_pixels)
     return r
+
+
+def _guard(r: RowResult, column: str, check, *args):
+    """Run one column's check; an exception it did not expect becomes that column's error."""
+    try:
+        return check(*args)
+    except (MemoryError, RecursionError) as err:
+        r.reject(column, f"the value is too large or too deeply nested to check ({type(err).__name__})")
+    except Exception as err:  # noqa: BLE001 - the row boundary: one bad value must not stop the table
+        r.reject(column, f"cannot be checked ({type(err).__name__}: {visible(err, 200)}); fix the value "
+                         "(and please report this message as an mcpl bug)")
+    return None
 
 
 def _text(value: object) -> str | None:
     if value is None:
         return None
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value)[:1000]
+
+
+def _formula(text: str) -> bool:
+    return text.lstrip().startswith(FORMULA_START)
+
+
+def _check_meta(r: RowResult, meta: object) -> None:
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        r.reject("meta", f"expected a JSON object, got {type(meta).__name__}")
+        return
+    size = len(json.dumps(meta))
+    if size > MAX_JSON_CHARS:
+        r.reject("meta", f"{size:,} characters of JSON; the limit is {MAX_JSON_CHARS:,} (keep large data in files)")
+        return
+    r.meta = meta
+
+
+def _check_group(r: RowResult, group: object) -> None:
+    if group is None:
+        return
+    if isinstance(group, bool) or not isinstance(group, str | int):
+        r.reject("group", f"expected a name (text), got {type(group).__name__}")
+        return
+    name = str(group).strip()
+    if not name:
+        return
+    if len(name) > MAX_GROUP_CHARS:
+        r.reject("group", f"a group name of {len(name):,} characters; the limit is {MAX_GROUP_CHARS}")
+    elif text_problem(name):
+        r.reject("group", f"the group name {shown(name)} contains a {text_problem(name)}")
+    elif _formula(name):
+        r.reject("group", f"the group name {shown(name)} starts with {name[0]!r} (a spreadsheet formula); rename it")
+    else:
+        r.group = name
 
 
 def _check_overrides(r: RowResult, overrides: object) -> tuple[str, int]:
@@ -270,17 +364,23 @@ def _check_overrides(r: RowResult, overrides: object) -> tuple[str, int]:
     if not isinstance(overrides, dict):
         r.reject("overrides", f"expected a JSON object of training settings, got {type(overrides).__name__}")
         return "one", 1
-    r.overrides = overrides
+    size = len(json.dumps(overrides))
+    if size > MAX_JSON_CHARS:
+        r.reject("overrides", f"{size:,} characters of JSON; the limit is {MAX_JSON_CHARS:,}")
+        return "one", 1
     try:
-        config = TrainConfig(**overrides)
+        # strict: a table says what it means; true is not 1, "500" is not 500, 1.5 is not a step count
+        config = TrainConfig.model_validate(overrides, strict=True)
     except ValidationError as err:
-        for e in err.errors():
-            where = ".".join(str(x) for x in e["loc"]) or "overrides"
-            r.reject("overrides", f"{where}: {e['msg']} (see `mcpl train --help` / mcpl/config.py)")
+        for e in err.errors()[:10]:
+            where = ".".join(visible(x, 60) for x in e["loc"]) or "overrides"
+            got = "" if e["type"] == "extra_forbidden" else f", got {visible(repr(e.get('input')), 60)}"
+            r.reject("overrides", f"{where}: {e['msg']}{got} (limits: docs/DATA.md, `mcpl train --help`)")
         return "one", 1
     except TypeError as err:
-        r.reject("overrides", str(err))
+        r.reject("overrides", visible(err, 200))
         return "one", 1
+    r.overrides = overrides
     strategy = overrides.get("strategy")
     if strategy == "diverse" and r.group is None:
         r.reject("overrides", "strategy 'diverse' needs several rows: give them the same `group`")
@@ -293,13 +393,20 @@ def _check_image(r: RowResult, root: Path, value: object, max_pixels: int):
     if value is None:
         return None
     try:
-        image, info = load_image(root, value, max_pixels)  # type: ignore[arg-type]
+        text = check_path_text(value)
+        if _formula(text):
+            raise FileCheckError(f"{shown(text)} starts with {text[0]!r} (a spreadsheet formula); rename the file")
+        image, info = load_image(root, text, max_pixels)
     except FileCheckError as err:
         r.reject("image", str(err))
         return None
     r.image_hash = image_hash(image)
     r.file_bytes, r.format, r.mode = info.file_bytes, info.format, info.mode
     r.width, r.height, r.converted = info.width, info.height, info.notes
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        side = min(image.size)
+        r.warnings.append(f"image {image.width}x{image.height}: training sees only its centred {side}x{side} "
+                          "square; crop the image around its objects")
     return image
 
 
@@ -309,6 +416,9 @@ def _check_sentence(r: RowResult, vocab: Vocabulary, value: object, strategy: st
         return None
     if not isinstance(value, str):
         r.reject("sentence", f"expected text, got {type(value).__name__}")
+        return None
+    if _formula(value):
+        r.reject("sentence", f"the sentence starts with {value.lstrip()[0]!r} (a spreadsheet formula): {shown(value)}")
         return None
     try:
         sentence = parse_sentence(value)
@@ -335,14 +445,26 @@ def _check_masks(r: RowResult, root: Path, value: object, sentence: Sentence | N
                           f"got {type(value).__name__}")
         return
     tokens = [c.token for c in sentence.concepts] if sentence else None
+    seen: dict[str, str] = {}
     for key, path in value.items():
         token = key.strip() if key.strip().startswith("<") else f"<{key.strip()}>"
+        if not re.fullmatch(r"<[A-Za-z0-9_-]+>", token):
+            r.reject("masks", f"mask key {shown(key, 60)} is not a placeholder (write it as in the sentence: "
+                              '"<name>")')
+            continue
+        if token in seen:
+            r.reject("masks", f"two masks for {token} (keys {shown(seen[token])} and {shown(key)}); keep one")
+            continue
+        seen[token] = key
         if tokens is not None and token not in tokens:
             r.reject("masks", f"mask for {token}, but the sentence has no {token} "
                               f"(placeholders: {', '.join(tokens)})")
             continue
         try:
-            mask, info = load_mask(root, path, max_pixels)  # type: ignore[arg-type]
+            text = check_path_text(path)
+            if _formula(text):
+                raise FileCheckError(f"{shown(text)} starts with {text[0]!r} (a spreadsheet formula); rename it")
+            mask, info = load_mask(root, text, max_pixels)
         except FileCheckError as err:
             r.reject("masks", f"mask of {token}: {err}")
             continue
@@ -351,9 +473,9 @@ def _check_masks(r: RowResult, root: Path, value: object, sentence: Sentence | N
                               f"{image.width}x{image.height}; masks must match the image's size")
             continue
         if mask_pixels(mask) == 0:
-            r.reject("masks", f"mask of {token} ({path}) is empty: no white (> 127) pixels")
+            r.reject("masks", f"mask of {token} ({shown(text)}) is empty: no white (> 127) pixels")
             continue
-        r.masks[token] = path.strip()
+        r.masks[token] = text
         if info.notes:
             r.converted = r.converted + [f"mask of {token}: {n}" for n in info.notes]
 
@@ -430,7 +552,7 @@ def write_manifest(report: ValidationReport, path: Path, max_pixels: int) -> Pat
     root = report.root.resolve()
     metadata = {
         "mcpl.manifest_version": MANIFEST_VERSION,
-        "dataset": str(root),
+        "dataset": portable_path(root),  # as dataset_relative: a clone elsewhere writes the same bytes
         "dataset_relative": os.path.relpath(root, path.parent.resolve()),
         "table": report.table.name,
         "model": report.model,
@@ -452,8 +574,11 @@ def read_manifest(path: str | Path) -> tuple[list[dict], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"manifest {path} not found; run `mcpl data validate DATASET --manifest {path}`")
-    table = pq.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise DatasetError(f"{path} is not a readable manifest ({str(err)[:200]}); validate again") from None
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (table.schema.metadata or {}).items()}
     if meta.get("mcpl.manifest_version") != MANIFEST_VERSION:
         raise DatasetError(f"{path} is not an mcpl manifest (version {MANIFEST_VERSION}); validate again")
     return table.to_pylist(), meta
