@@ -18,6 +18,7 @@ isolation and retries.
 # flow signature at run time, and string annotations (Literal...) fail to resolve there.
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +33,30 @@ from prefect.task_runners import ThreadPoolTaskRunner
 if not __package__:  # loaded by file path (Prefect entrypoint, `python flows/batch.py`): make `flows` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mcpl.config import FULL_MCPL, ConfigSource, RunOptions, TrainConfig  # noqa: E402
+from mcpl.config import FULL_MCPL, ConfigSource, RunOptions, TrainConfig, load_config_file  # noqa: E402
 from mcpl.pipeline.faults import FaultObserver  # noqa: E402
 
 JOB_DEPLOYMENT = "mcpl-job/job"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_THREADS = 32  # the task runner's ceiling; the sliding window below is the real limit
+# The DVC pipeline's knobs are the served deployment's defaults too: one source (its `train` and `batch` sections).
+PIPELINE_PARAMS = REPO_ROOT / "params.yaml"
+
+
+def pipeline_defaults(section: str, path: Path = PIPELINE_PARAMS) -> dict:
+    """A section of params.yaml (`train`: TrainConfig fields; `batch`: samples, sample_steps); {} without the file."""
+    return dict(load_config_file(f"{path}:{section}")) if path.is_file() else {}
+
+
+def batch_source(config: TrainConfig | None = None, strategy: str | None = None, steps: int | None = None,
+                 full: bool | None = None, overrides: dict | None = None) -> ConfigSource:
+    """The batch's training settings: `config`, else params.yaml's train section (what `dvc repro` trains);
+    then strategy/steps, `full` (True: AttnMask + PromptCL + Bind adj on; False: all three off; None: as
+    the base says) and `overrides` on top."""
+    switches = {} if full is None else FULL_MCPL if full else {k: False for k in FULL_MCPL}
+    fields = {"strategy": strategy, "steps": steps, **switches, **(overrides or {})}
+    return ConfigSource(file=config.model_dump() if config else pipeline_defaults("train"),
+                        fields={k: v for k, v in fields.items() if v is not None})
 
 
 def visible_devices(devices: list[str] | None, cpu_concurrency: int) -> list[str]:
@@ -104,12 +123,13 @@ def _run_in_process(spec: dict, out: str, options: RunOptions, tracking: dict, s
     args.write_text(json.dumps({"spec": spec, "out": out, "tracking": tracking,
                                 "options": options.model_copy(update={"device": device}).model_dump()}))
     bundle.outcome_file.unlink(missing_ok=True)
+    ours = re.compile(rf"^(\[\d+/\d+\] )?{spec['job_id'][:8]}\b")  # LogObserver's lines: start, steps, end
     with open(bundle.job_log, "a") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flows.job_process", str(args)], env=env, cwd=str(REPO_ROOT),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:  # progress lines reach the flow's log (UI, --watch) as they come
+        for line in proc.stdout:  # the job's own lines (mcpl.pipeline.progress) reach the flow's log as they come
             log.write(line)
-            if line.startswith("[") or " FAILED" in line or "step " in line:
+            if ours.match(line):
                 say(line.rstrip())
         proc.wait()
     outcome = bundle.outcome()
@@ -166,15 +186,15 @@ def batch(
     out: str = "runs/batch",
     strategy: Literal["one", "all", "diverse"] | None = None,
     steps: int | None = None,
-    full: bool = False,
+    full: bool | None = None,
     overrides: dict[str, Any] | None = None,
     config: TrainConfig | None = None,
     devices: list[str] | None = None,
     cpu_concurrency: int = 1,
     threads: int = 1,
     retries: int = 1,
-    samples: int = 2,
-    sample_steps: int = 25,
+    samples: int | None = None,
+    sample_steps: int | None = None,
     executor: Literal["local", "workers"] = "local",
     job_deployment: str = JOB_DEPLOYMENT,
     max_parallel: int | None = None,
@@ -184,16 +204,31 @@ def batch(
 ) -> dict:
     """Train every job of a dataset and publish the learned concepts to the registry.
 
-    dataset: dataset folder (validated here; the manifest goes to OUT/manifest.parquet),
-    or manifest: an existing manifest.parquet (then `dataset` is ignored).
-    model: diffusers model folder or hub id (default: the embedded toy-world model).
-    config/strategy/steps/full/overrides: the batch's training settings, over the defaults
-    (`full` = AttnMask + PromptCL + Bind adj); a row's own overrides win; groups train
-    MCPL-diverse. devices: e.g. ["cuda:0", "cuda:1"] (default: every visible GPU, else
-    `cpu_concurrency` CPU slots). threads: torch threads per process. retries: per job;
-    a retry resumes from the job's checkpoint. executor "workers": each job is a child run
-    of `job_deployment` in a work pool. tracking_uri: MLflow (default $MLFLOW_TRACKING_URI,
-    else sqlite ./mlflow.db).
+    Unset settings are the DVC pipeline's (params.yaml `train` and `batch`: full MCPL, the same
+    steps and samples as `dvc repro`).
+
+    Args:
+        dataset: dataset folder (validated here; the manifest goes to OUT/manifest.parquet).
+        manifest: an existing manifest.parquet (then `dataset` is ignored).
+        model: diffusers model folder or hub id (default: the embedded toy-world model).
+        out: batch folder (jobs/<job_id>/ bundles, summary.json), relative to the served folder.
+        strategy: one / all (diverse: groups, always); unset: params.yaml train.strategy.
+        steps: optimisation steps per job; unset: params.yaml train.steps.
+        full: AttnMask + PromptCL + Bind adj all on (true) or all off (false); unset: as params.yaml.
+        overrides: any TrainConfig fields, over the rest; a row's own overrides win.
+        config: a whole TrainConfig instead of params.yaml's train section.
+        devices: e.g. ["cuda:0", "cuda:1"]; unset: every visible GPU, else `cpu_concurrency` CPU slots.
+        cpu_concurrency: CPU jobs side by side (each in a process of its own when > 1).
+        threads: torch threads per job process.
+        retries: per job; a retry resumes from the job's newest checkpoint.
+        samples: generations per concept after training; unset: params.yaml batch.samples.
+        sample_steps: DDIM steps of those generations; unset: params.yaml batch.sample_steps.
+        executor: local (this machine) or workers (child flow runs of `job_deployment` in a work pool).
+        job_deployment: the per-job deployment the workers run.
+        max_parallel: bound on jobs in flight.
+        tracking_uri: MLflow; unset: $MLFLOW_TRACKING_URI (serve.sh sets it), else ./mlflow.db.
+        experiment: MLflow experiment of the batch's runs.
+        publish: publish the concepts to the registry after the batch.
     """
     import torch
     from prefect.runtime import flow_run
@@ -209,9 +244,10 @@ def batch(
     torch.set_num_threads(max(1, threads))
     out_root = Path(out).resolve()
     model = model or default_model()
-    fields = {"strategy": strategy, "steps": steps, **(FULL_MCPL if full else {}), **(overrides or {})}
-    source = ConfigSource(file=config.model_dump() if config else {},
-                          fields={k: v for k, v in fields.items() if v is not None})
+    source = batch_source(config, strategy, steps, full, overrides)
+    knobs = pipeline_defaults("batch")
+    samples = knobs.get("samples", 2) if samples is None else samples
+    sample_steps = knobs.get("sample_steps", 25) if sample_steps is None else sample_steps
     if manifest is None:
         out_root.mkdir(parents=True, exist_ok=True)
         report = validate_dataset(dataset, out_root / "manifest.parquet", model)
