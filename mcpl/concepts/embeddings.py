@@ -16,11 +16,25 @@ from typing import Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 ExportFormat = Literal["diffusers", "a1111", "comfyui", "kohya"]
 SINGLE_FILE_KEY = "emb_params"  # SD 1.x/2.x one-file layout of A1111 / ComfyUI / kohya
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors' save_file, with the header's keys in sorted order: safetensors writes its metadata
+    map in a per-process random order, and the same tensors must give the same bytes (DVC hashes them)."""
+    blob = save(tensors, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    text = json.dumps({k: dict(sorted(v.items())) if k == "__metadata__" else v for k, v in sorted(header.items())},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) <= size:  # same header length (padded with spaces, as safetensors pads): offsets stay valid
+        blob = blob[:8] + text + b" " * (size - len(text)) + blob[8 + size:]
+    Path(path).write_bytes(blob)
+    return Path(path)
 
 
 def stack_file(folder_or_file: str | Path, suffix: str) -> Path:

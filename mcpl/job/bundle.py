@@ -2,6 +2,7 @@
 
     jobs/<job_id>/                    a batch keeps one bundle per job under its folder
       job.json                        JobRecord: what was learned, from what, settings, metrics (done marker)
+      run.json                        the record's volatile part: seconds, git revision (DVC ignores it)
       spec.json                       the pipeline's JobSpec that made it (dataset, rows, group)
       outcome.json                    JobOutcome of the last attempt (read back by a parent process)
       error.log / job.log             traceback of a failed attempt / output of a job process
@@ -34,6 +35,10 @@ from mcpl.concepts.embeddings import EMBEDS_FILE
 from mcpl.errors import BundleError
 
 JOB_FILE = "job.json"
+RUN_FILE = "run.json"
+# What differs between two runs of the same work: kept beside job.json, not in it, so that a rerun (a
+# fresh clone's `dvc repro`) writes a byte-identical job.json. Bundle.record() puts them back.
+VOLATILE_FIELDS = ("train_seconds", "wall_seconds", "git_rev")
 SPEC_FILE = "spec.json"
 OUTCOME_FILE = "outcome.json"
 ERROR_LOG = "error.log"
@@ -78,6 +83,13 @@ def inside(root: str | Path, relative: object) -> Path:
     if not target.is_relative_to(base):
         raise BundleError(f"path {relative!r} in the bundle at {root} leaves the bundle; refusing it")
     return target
+
+
+def portable_path(path: str | Path) -> str:
+    """`path` as a record keeps it: relative to the current folder when inside it (so a clone of the
+    project at another place writes the same bytes: DVC outputs, dvc.lock), else absolute."""
+    target, here = Path(path).resolve(), Path.cwd().resolve()
+    return target.relative_to(here).as_posix() if target.is_relative_to(here) else str(target)
 
 
 def _known(cls: type, data: dict) -> dict:
@@ -292,17 +304,29 @@ class Bundle:
         """A path that a record of this bundle names, resolved inside the bundle."""
         return inside(self.path, relative)
 
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
     def artifacts(self) -> list[tuple[Path, str | None]]:
         """What a tracker logs of a finished bundle: (path, artifact folder)."""
-        files = [(p, None) for p in (self.job_file, self.embeddings_file) if p.exists()]
+        files = [(p, None) for p in (self.job_file, self.run_file, self.embeddings_file) if p.exists()]
         return files + [(d, d.name) for d in (self.concepts_dir, self.attention_dir, self.samples_dir) if d.is_dir()]
 
     # ---- records
     def record(self) -> JobRecord:
-        return JobRecord.from_dict(read_json(self.job_file))
+        data = read_json(self.job_file)
+        if isinstance(data, dict) and self.run_file.exists():
+            run = read_json(self.run_file)
+            data.update({k: run[k] for k in VOLATILE_FIELDS if isinstance(run, dict) and k in run})
+        return JobRecord.from_dict(data)
 
     def write_record(self, record: JobRecord) -> Path:
-        return write_json(self.job_file, record.to_dict())
+        """job.json (the result) and run.json (its volatile fields); run.json first, so a job.json
+        on disk always has its run.json."""
+        data = record.to_dict()
+        write_json(self.run_file, {k: data.pop(k) for k in VOLATILE_FIELDS})
+        return write_json(self.job_file, data)
 
     def is_done(self, job: str) -> JobRecord | None:
         """The record if this bundle is finished work for job id `job`, else None."""
@@ -315,10 +339,19 @@ class Bundle:
         return record if record.job_id == job else None
 
     def write_spec(self, spec: dict) -> Path:
-        return write_json(self.spec_file, spec)
+        """spec.json, its dataset folder kept relative to this bundle (so a clone of the project at
+        another place writes the same bytes); `spec()` gives it back absolute."""
+        data = dict(spec)
+        if isinstance(data.get("dataset"), str) and data["dataset"]:
+            data["dataset"] = os.path.relpath(Path(data["dataset"]).resolve(), self.path.resolve())
+        return write_json(self.spec_file, data)
 
     def spec(self) -> dict:
-        return read_json(self.spec_file) if self.spec_file.exists() else {}
+        data = read_json(self.spec_file) if self.spec_file.exists() else {}
+        if isinstance(data, dict) and isinstance(data.get("dataset"), str) and data["dataset"] \
+                and not os.path.isabs(data["dataset"]):
+            data["dataset"] = str((self.path / data["dataset"]).resolve())
+        return data
 
     def write_outcome(self, outcome: JobOutcome) -> Path:
         return write_json(self.outcome_file, outcome.to_dict())

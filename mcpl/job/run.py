@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from mcpl.concepts.embeddings import save_concept_stacks
+from mcpl.concepts.embeddings import save_concept_stacks, save_file
 from mcpl.concepts.metrics import concept_metrics
 from mcpl.concepts.overlay import attention_figure, grid
 from mcpl.config import RunOptions, TrainConfig

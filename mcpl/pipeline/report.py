@@ -3,6 +3,11 @@
 `BatchSummary` accounts for every job and every input row: trained, skipped as done before,
 the same work as another row, rejected at validation, or failed, with the reason.
 `evaluate_batch` turns a batch's bundles into the DVC metrics and plots files.
+
+Files that DVC hashes hold results only: what differs between two runs of the same work
+(wall-clock times, process ids, host names, the folder's absolute path) goes to a `.run.json`
+beside them (`summary.run.json`, `metrics.run.json`), so `dvc repro` in a fresh clone leaves
+dvc.lock unchanged. `BatchSummary.read` and `to_dict` put the two together again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,34 @@ from pathlib import Path
 from mcpl.job.bundle import SUMMARY_FILE, Bundle, JobOutcome, JobStatus, inside, read_json, write_json
 
 METRIC_KEYS = ("iou", "iou_other", "share")
+RUN_SUFFIX = ".run.json"  # summary.json -> summary.run.json: the volatile part
+VOLATILE_BATCH = ("out_root", "started", "finished")
+VOLATILE_JOB = ("seconds", "pid", "worker")
+
+
+def run_file(path: str | Path) -> Path:
+    """The file beside `path` that holds its volatile part (`summary.json` -> `summary.run.json`)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".json") + RUN_SUFFIX)
+
+
+def split_volatile(data: dict) -> tuple[dict, dict]:
+    """A summary's dict -> (its results, its volatile part keyed like it)."""
+    stable = {k: v for k, v in data.items() if k not in VOLATILE_BATCH}
+    volatile = {k: data[k] for k in VOLATILE_BATCH if k in data}
+    stable["jobs"], volatile["jobs"] = [], {}
+    for job in data.get("jobs", []):
+        stable["jobs"].append({k: v for k, v in job.items() if k not in VOLATILE_JOB})
+        volatile["jobs"][job.get("job_id")] = {k: job[k] for k in VOLATILE_JOB if k in job}
+    return stable, volatile
+
+
+def join_volatile(stable: dict, volatile: dict) -> dict:
+    data = {**stable, **{k: v for k, v in volatile.items() if k != "jobs"}}
+    extra = volatile.get("jobs") if isinstance(volatile.get("jobs"), dict) else {}
+    data["jobs"] = [{**job, **(extra.get(job.get("job_id")) or {})} if isinstance(job, dict) else job
+                    for job in stable.get("jobs", [])]
+    return data
 
 
 def _label(o: JobOutcome) -> str:
@@ -90,7 +123,11 @@ class BatchSummary:
         return data
 
     def write(self, path: str | Path | None = None) -> Path:
-        return write_json(Path(path) if path else Path(self.out_root) / SUMMARY_FILE, self.to_dict())
+        """summary.json (results: the same for the same work) and summary.run.json (times, processes)."""
+        path = Path(path) if path else Path(self.out_root) / SUMMARY_FILE
+        stable, volatile = split_volatile(self.to_dict())
+        write_json(run_file(path), volatile)
+        return write_json(path, stable)
 
     def render(self) -> str:
         """A few lines a person reads at the end of a batch: counts, then each failure and rejection."""
@@ -126,7 +163,11 @@ class BatchSummary:
 
     @classmethod
     def read(cls, batch_dir: str | Path) -> BatchSummary:
-        data = read_json(Path(batch_dir) / SUMMARY_FILE)
+        path = Path(batch_dir) / SUMMARY_FILE
+        data = read_json(path)
+        if isinstance(data, dict) and run_file(path).is_file():
+            volatile = read_json(run_file(path))
+            data = join_volatile(data, volatile) if isinstance(volatile, dict) else data
         return cls(data.get("out_root", str(batch_dir)), [JobOutcome.from_dict(j) for j in data.get("jobs", [])],
                    data.get("rejected", []), data.get("merged", []), data.get("started", 0.0),
                    data.get("finished", 0.0), data.get("tracking", {}), data.get("registry", {}),
@@ -183,10 +224,11 @@ def evaluate_batch(batch_dir: str | Path, out_dir: str | Path) -> dict:
             "separated": _mean([1.0 if r["iou"] > r["iou_other"] else 0.0 for r in concept_rows]),
             "iou_min": round(min(ious), 4) if ious else None,
         },
-        "train": {"seconds": round(seconds, 1), "final_loss": _mean(final_losses)},
+        "train": {"final_loss": _mean(final_losses)},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    write_json(run_file(out / "metrics.json"), {"train": {"seconds": round(seconds, 1)}})  # not DVC metrics
+    return {**metrics, "train": {**metrics["train"], "seconds": round(seconds, 1)}}
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:

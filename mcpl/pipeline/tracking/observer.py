@@ -24,7 +24,7 @@ from typing import Any
 from mcpl.job.bundle import JobOutcome, JobRecord, JobStatus
 from mcpl.method.model_files import model_hash
 from mcpl.pipeline.data.jobs import JobSpec
-from mcpl.pipeline.report import BatchSummary
+from mcpl.pipeline.report import BatchSummary, run_file
 from mcpl.pipeline.runner import BatchContext, JobContext, Observer
 from mcpl.pipeline.tracking.store import DEFAULT_EXPERIMENT, now_ms, resolve_tracking_uri, safe_key
 from mcpl.pipeline.tracking.tracker import LOSS_KEYS, MlflowCallback, Tracker, _finite
@@ -197,7 +197,9 @@ class MlflowObserver(Observer):
                                                   "jobs_failed": c["failed"], "rows_rejected": c["rejected_rows"],
                                                   "wall_seconds": summary.finished - summary.started})
         self.tracker.set_tags(self.batch_key, {"mcpl.outcome": "failed" if c["failed"] else "ok"})
-        self.tracker.log_artifacts(self.batch_key, summary.write())
+        written = summary.write()
+        for path in (written, run_file(written)):
+            self.tracker.log_artifacts(self.batch_key, path)
         manifest = Path(summary.out_root) / "manifest.parquet"
         if manifest.exists():
             self.tracker.log_artifacts(self.batch_key, manifest)
