@@ -28,11 +28,7 @@ def resolve_model(model: str | None) -> str:
 
 
 def quiet_libraries() -> None:
-    """No weight-loading bars or import notices from transformers/diffusers (pipeline logs)."""
-    import transformers
-    from diffusers.utils import logging as diffusers_logging
+    """No weight-loading bars, download bars or import notices from the libraries (pipeline logs)."""
+    from mcpl.pipeline.progress import quiet_libraries as quiet
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+    quiet()

@@ -4,11 +4,16 @@
     [2/5] 480c5feb: step 80/200 loss 0.1432, 3.1 steps/s, ETA 39 s
     [2/5] 480c5feb: done in 65 s (2 concepts)
 
-`say` decides where lines go (stderr for the CLI, the Prefect run logger for a flow).
+`say` decides where lines go (stderr for the CLI, the Prefect run logger for a flow). Where a
+LogObserver reports, the libraries stay quiet (`quiet_libraries`): no weight-loading or download
+bars, no advisory notices, no MLflow "View run" / "Waiting up to 300 seconds" lines; progress bars
+are for a person watching one job (`mcpl train`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +26,27 @@ from mcpl.pipeline.runner import JobContext, Observer
 
 def stderr_line(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+# Read by the libraries when they start a bar or print a run link; set before they load, where possible.
+QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+
+
+def quiet_libraries() -> None:
+    """One line per event: no bars or notices from transformers, diffusers, huggingface_hub and MLflow
+    (idempotent; a variable the user set is kept)."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    # MLflow's client logs one INFO line per registered version (it is READY at once on an OSS server).
+    logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
 
 
 class StepProgress:
@@ -52,11 +78,16 @@ class StepProgress:
 
 
 class LogObserver(Observer):
-    """One line when a job starts and ends (with its error), progress lines while it trains."""
+    """One line when a job starts and ends (with its error), progress lines while it trains.
 
-    def __init__(self, say: Callable[[str], None] = stderr_line, every: float = 15.0) -> None:
+    `quiet`: the libraries' own bars and notices are switched off in this process (`quiet_libraries`).
+    """
+
+    def __init__(self, say: Callable[[str], None] = stderr_line, every: float = 15.0, quiet: bool = True) -> None:
         self.say = say
         self.every = every
+        if quiet:
+            quiet_libraries()
 
     @staticmethod
     def prefix(job: JobContext) -> str:
