@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from mcpl.concepts.embeddings import EMBEDS_FILE
 from mcpl.errors import BundleError
@@ -90,12 +91,21 @@ class ConceptCard:
         return {"kind": "mcpl-concept", "token": self.token, "concept": self.concept, "dataset": self.dataset,
                 "source": self.source, "source_key": self.source_key}
 
-    def description(self) -> str:
-        """Markdown (the MLflow UI renders it): code spans keep `<token>` visible."""
+    def description(self, run_id: str | None = None) -> str:
+        """Markdown (the MLflow UI renders it): code spans keep `<token>` visible. With the MLflow run that
+        holds this card's folder, the concept's overlay and sample are shown inline (links relative to the
+        UI's own address, so they work on any host and port, `mlflow ui` included)."""
         sentences = "; ".join(f"`{s}`" for s in self.sentences)
-        return (f"Concept `{self.token}` learned from {', '.join(self.images)} (dataset {self.dataset}, strategy "
+        text = (f"Concept `{self.token}` learned from {', '.join(self.images)} (dataset {self.dataset}, strategy "
                 f"{self.strategy}, {self.method}): {sentences}. Load it with `mcpl registry load {self.name}` or "
                 f"`models:/{self.name}@latest`.")
+        if not run_id:
+            return text
+        pictures = [f"![{label} of {self.concept}](get-artifact?path={quote(f'concepts/{self.concept}/{file}')}"
+                    f"&run_uuid={quote(run_id)})" for label, file in (("attention", OVERLAY_FILE),
+                                                                     ("sample", SAMPLE_FILE))
+                    if (self.folder / file).is_file()]
+        return text + ("\n\n" + " ".join(pictures) if pictures else "")
 
     def to_dict(self) -> dict:
         data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}

@@ -116,7 +116,8 @@ def publish(cards: Iterable[ConceptCard], uri: str | None = None, experiment: st
         run_id = _job_run(client, experiment, card, run_ids)
         source = f"{client.get_run(run_id).info.artifact_uri}/concepts/{card.concept}"
         version = client.create_model_version(name, source=source, run_id=run_id, tags=card.tags(),
-                                              description=card.description())
+                                              description=card.description(run_id), await_creation_for=0)
+        client.update_registered_model(name, description=card.description(run_id))  # the Models page: newest picture
         if card.strategy in STRATEGY_ALIASES:
             client.set_registered_model_alias(name, card.strategy, version.version)
         report.created.append((name, str(version.version)))
