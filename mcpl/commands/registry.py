@@ -131,7 +131,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from mcpl.concepts.generate import generate, load_pipeline
+    from mcpl.concepts.generate import generate, load_pipeline, prompt_warnings
     from mcpl.pipeline.registry.refs import load_into_pipeline, resolve
     from mcpl.pipeline.tracking.store import client_for
 
@@ -149,6 +149,8 @@ def run_load(args: argparse.Namespace) -> int:
     loaded = load_into_pipeline(pipe, refs, tokens, client=client)
     for item in loaded:
         print(f"  {item.token:<28} <- {item.name} v{item.version}")
+    for warning in prompt_warnings(pipe, args.prompt, [i.token for i in loaded]):
+        print(f"warning: {warning}", file=sys.stderr)
     used = [i.token for i in loaded if i.token in args.prompt]
     result = generate(pipe, args.prompt, used, num_images=args.num, steps=args.steps, seed=args.seed)
     out = result.save(args.out)

@@ -11,6 +11,7 @@ import atexit
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +107,23 @@ def fetch(refs: Sequence[str], uri: str | None = None, client=None) -> list[Load
 
 
 def load_into_pipeline(pipe, refs: Sequence[str], tokens: Sequence[str | None] | None = None,
-                       uri: str | None = None, client=None) -> list[LoadedConcept]:
+                       uri: str | None = None, client=None, prompt: str | None = None) -> list[LoadedConcept]:
     """Load registry concepts into a diffusers pipeline; returns each one's prompt token.
 
     `tokens` overrides them (None entries keep the default). A token already in the
-    tokenizer is an error (mcpl.generate.load_concepts), never a silent overwrite.
+    tokenizer is an error (mcpl.generate.load_concepts), never a silent overwrite. With the
+    `prompt` to be sampled, a UserWarning says when it uses none of the loaded tokens or is
+    longer than the text encoder reads (mcpl.concepts.generate.prompt_warnings).
     """
-    from mcpl.concepts.generate import load_concepts
+    from mcpl.concepts.generate import load_concepts, prompt_warnings
 
     loaded = fetch(refs, uri, client)
     for i, item in enumerate(loaded):
         if tokens and i < len(tokens) and tokens[i]:
             item.token = tokens[i]
     load_concepts(pipe, [i.folder / EMBEDS_FILE for i in loaded], [i.token for i in loaded])
+    for message in prompt_warnings(pipe, prompt, [i.token for i in loaded]) if prompt is not None else ():
+        warnings.warn(message, UserWarning, stacklevel=2)
     return loaded
 
 
