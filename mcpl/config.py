@@ -241,3 +241,8 @@ class RunOptions(BaseModel):
     keep_checkpoints: bool = Field(True, description="Keep a finished job's checkpoints/ (resumable state).")
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in the backward pass: "
                                          "less memory (1024 px SDXL on one GPU), ~30 % slower.")
+    fidelity_model: str | None = Field(None, description="A local transformers folder of a DINOv2, DINO (ViT) "
+                                       "or CLIP model: each concept's masked similarity between its samples and "
+                                       "its object (`fidelity_<type>`, docs/FIDELITY.md). Needs samples >= 1.")
+    clip_model: str | None = Field(None, description="A local CLIP folder with its tokenizer: `clip_t`, text-image "
+                                   "similarity of each concept's samples with its own words (and fidelity_clip).")

@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="any TrainConfig field; wins over --config and the rows' overrides (repeatable)")
     p.add_argument("--samples", type=int, default=2, help="generations per concept after training (0: none)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of those generations")
+    p.add_argument("--fidelity-model", default=None, metavar="DIR",
+                   help="local DINOv2 / DINO (ViT) / CLIP folder: score each concept's samples against its "
+                        "object (fidelity_<type> in job.json, MLflow, registry tags; docs/FIDELITY.md)")
+    p.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIP folder: also clip_t")
     p.add_argument("--no-skip", action="store_true", help="re-run jobs even if their bundle is done")
     p.add_argument("--drop-checkpoints", action="store_true",
                    help="delete each finished job's checkpoints/ (resumable state) to save space")
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_jobs(args.manifest, source, model)
     options = RunOptions(device=args.device, threads=args.threads, samples=args.samples,
                          sample_steps=args.sample_steps, progress=args.progress, skip_done=not args.no_skip,
-                         keep_checkpoints=not args.drop_checkpoints)
+                         keep_checkpoints=not args.drop_checkpoints, fidelity_model=args.fidelity_model,
+                         clip_model=args.clip_model)
     print(f"{len(plan.jobs)} job(s) from {args.manifest} on {model}; {len(plan.rejected)} row(s) were rejected at "
           "validation", file=sys.stderr)
     summary = run_batch(plan.jobs, args.out, options, [LogObserver()], workers=args.workers, pack=args.pack,

@@ -38,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bind-adj", action="store_true", help="each concept's adjective as a PromptCL positive")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     p.add_argument("--samples", type=int, default=2, help="generations per concept after training (0: none)")
+    p.add_argument("--fidelity-model", default=None, metavar="DIR",
+                   help="local DINOv2 / DINO (ViT) / CLIP folder: score each concept's samples against its "
+                        "object (fidelity_<type> in job.json; docs/FIDELITY.md)")
+    p.add_argument("--clip-model", default=None, metavar="DIR", help="local CLIP folder: also clip_t")
     p.add_argument("--out", default="runs/train", help="output folder (bundle + checkpoints)")
     add_model_option(p)
     p.set_defaults(handler=run)
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         masks[token.strip()] = _open(path, "L")
     inputs = [JobInput.from_text(_open(img), sentence, source=img, masks=masks if i == 0 else None)
               for i, (img, sentence) in enumerate(zip(args.image, args.sentence, strict=True))]
-    options = RunOptions(device=args.device, threads=args.threads, samples=args.samples)
+    options = RunOptions(device=args.device, threads=args.threads, samples=args.samples,
+                         fidelity_model=args.fidelity_model, clip_model=args.clip_model)
     result = run_job(resolve_model(args.model), inputs, config, args.out, options=options)
     out = Path(args.out)
     record = result.record

@@ -11,6 +11,7 @@
       concepts/<name>/concept.json, overlay.png, sample.png   its registry card
       attention/image_<i>.safetensors, .png        maps on the training images and their overlays
       samples/<name>.png, composed.png, all.png    generations with the learned words
+      samples/<name>/<k>.png, maps.safetensors     each generation of a concept, its attention (fidelity)
       checkpoints/                    resumable state (safe to delete once done)
     summary.json                      a batch's outcome (pipeline.report writes it, through `write_json`)
 
@@ -293,6 +294,16 @@ class Bundle:
     @staticmethod
     def sample_rel(name: str) -> str:
         return f"{SAMPLES_DIR}/{name}.png"
+
+    @staticmethod
+    def sample_image_rel(name: str, k: int) -> str:
+        """The k-th generation of a concept's sample prompt, full size (the fidelity metric reads it)."""
+        return f"{SAMPLES_DIR}/{name}/{k}.png"
+
+    @staticmethod
+    def sample_maps_rel(name: str) -> str:
+        """The concept's attention in each of its generations: {token: (k, h, w)}."""
+        return f"{SAMPLES_DIR}/{name}/maps.safetensors"
 
     def attention_maps_file(self, image_index: int) -> Path:
         return self.attention_dir / f"image_{image_index}.safetensors"

@@ -98,6 +98,7 @@ def run_jobs(model: str | Components, works: Sequence[JobWork],
     process (the trainers hand them back unchanged).
     """
     options = options or RunOptions()
+    feature_models = fidelity_models(options)  # before training: a bad folder fails now, not after it
     components = model if isinstance(model, Components) else load_components(model, options.device)
     bundles = [Bundle(w.out_dir) for w in works]
     for bundle in bundles:
@@ -145,6 +146,9 @@ def run_jobs(model: str | Components, works: Sequence[JobWork],
         if options.samples:
             result.record.samples = write_samples(components, result.bundle, result.record, options,
                                                   work.config.seed, template)
+            if feature_models:
+                merge_metrics(result.record.metrics,
+                              bundle_fidelity(result.bundle, result.record, work.inputs, feature_models))
         result.bundle.write_record(result.record)
     return results
 
@@ -229,5 +233,93 @@ def write_samples(components: Components, bundle: Bundle, record: JobRecord, opt
             rel = Bundle.sample_rel(name)
             grid([result.images], [prompt]).save(bundle.file(rel))
             written[name] = {"prompt": prompt, "file": rel}
+            concept = next((c for c in record.concepts if c.name == name), None)
+            if concept is not None:  # each generation and its attention, for the fidelity metric
+                written[name].update(save_generations(bundle, name, concept.token, result))
     grid(rows, labels).save(bundle.file(Bundle.sample_rel("all")))
     return written
+
+
+def save_generations(bundle: Bundle, name: str, token: str, generation) -> dict:
+    """A concept's generations one file each, and its attention in them: {"images": [...], "maps": rel}."""
+    images = [Bundle.sample_image_rel(name, k) for k in range(len(generation.images))]
+    for image, rel in zip(generation.images, images, strict=True):
+        path = bundle.file(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    maps = Bundle.sample_maps_rel(name)
+    save_file({token: torch.stack([m[token].float() for m in generation.maps]).contiguous()}, str(bundle.file(maps)))
+    return {"images": images, "maps": maps}
+
+
+# ------------------------------------------------------------------------------- fidelity
+def fidelity_models(options: RunOptions) -> list:
+    """The feature models RunOptions names (loaded once per process), or [] when none is named."""
+    from mcpl.concepts.fidelity import load_models
+    from mcpl.errors import ConfigError
+
+    paths = [options.fidelity_model, options.clip_model]
+    if not any(paths):
+        return []
+    if not options.samples:
+        raise ConfigError("the fidelity metric compares a concept's generations with its object: it needs "
+                          "samples >= 1 (--samples N; the paper averages over 8 or more)")
+    return load_models(paths, options.device)
+
+
+def merge_metrics(metrics: dict, extra: dict) -> dict:
+    """Add per-image, per-token values (image_<i> -> token -> {name: value}) to a record's metrics."""
+    for image_key, per_token in extra.items():
+        for token, values in per_token.items():
+            metrics.setdefault(image_key, {}).setdefault(token, {}).update(values)
+    return metrics
+
+
+def bundle_fidelity(bundle: Bundle, record: JobRecord, inputs: Sequence[JobInput], models: Sequence) -> dict:
+    """The fidelity metric (mcpl.concepts.fidelity) of every concept on every training image that marks it,
+    from the bundle's own files (each generation and its maps, the maps on the training images) and the
+    training images with their masks: image_<i> -> token -> {fidelity_<kind>, clip_t}. Raises BundleError
+    when the bundle has no per-image samples."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from mcpl.concepts import fidelity
+    from mcpl.errors import BundleError
+
+    if len(inputs) != len(record.images):
+        raise BundleError(f"{bundle.path}: {len(inputs)} training image(s) given for a job of {len(record.images)}")
+    threshold = float(record.config.get("mask_threshold", 0.5))
+    generations: dict[str, tuple[list, list, str]] = {}
+    for concept in record.concepts:
+        sample = record.samples.get(concept.name) if isinstance(record.samples, dict) else None
+        if not isinstance(sample, dict) or not sample.get("images") or not sample.get("maps"):
+            raise BundleError(f"{bundle.path} has no per-image samples of {concept.token} (made with --samples 0 "
+                              "or before the fidelity metric); run the job again with --samples N")
+        images = [Image.open(bundle.file(rel)).convert("RGB") for rel in sample["images"]]
+        stack = load_file(str(bundle.file(sample["maps"]))).get(concept.token)
+        maps = list(stack) if stack is not None and len(stack) == len(images) else [None] * len(images)
+        text = fidelity.concept_words(sample.get("prompt", "a photo of a {}"), concept.token, concept.initializer,
+                                      concept.adjective)
+        generations[concept.token] = (images, maps, text)
+    out: dict[str, dict] = {}
+    for i, item in enumerate(inputs):
+        marked = {x.token for x in item.sentence.concepts}
+        source = fidelity.square_crop(item.image.convert("RGB"))
+        size = (source.height, source.width)
+        maps_file = bundle.attention_maps_file(i)
+        maps = load_file(str(maps_file)) if maps_file.is_file() else {}
+        for concept in record.concepts:
+            if concept.token not in marked:
+                continue
+            if concept.token in item.masks:
+                mask = fidelity.binary_mask(fidelity.square_crop(item.masks[concept.token]), size)
+            elif concept.token in maps:
+                mask = fidelity.attention_mask(maps[concept.token], size, threshold)
+            else:
+                continue
+            images, gen_maps, text = generations[concept.token]
+            item_samples = fidelity.ConceptSamples(concept.token, source, mask, images, gen_maps, text, threshold)
+            values = fidelity.concept_fidelity(models, item_samples)
+            if values:
+                out.setdefault(f"image_{i}", {})[concept.token] = values
+    return out

@@ -16,6 +16,7 @@ import csv
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,12 +180,44 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def evaluate_batch(batch_dir: str | Path, out_dir: str | Path) -> dict:
-    """Write metrics.json, concepts.csv, loss.csv and overlays/ for the jobs of one batch summary."""
+def job_fidelity(bundle: Bundle, record, models: Sequence) -> dict:
+    """The fidelity metric of a finished bundle, after the fact: its samples and maps, and its training images
+    (and masks) read again from the dataset its spec.json names (checked against the hashes in it)."""
+    from mcpl.errors import BundleError, MCPLError
+    from mcpl.job.run import bundle_fidelity
+    from mcpl.pipeline.data.jobs import JobSpec
+
+    spec = bundle.spec()
+    if not isinstance(spec, dict) or not spec.get("dataset"):
+        raise BundleError("its spec.json names no dataset, so its training images cannot be found")
+    try:
+        inputs = JobSpec.from_dict(spec).load_inputs()
+    except MCPLError as err:
+        raise BundleError(f"its training images in {spec['dataset']} are not reachable: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"its spec.json is malformed: {err}") from None
+    return bundle_fidelity(bundle, record, inputs, models)
+
+
+def evaluate_batch(batch_dir: str | Path, out_dir: str | Path, fidelity_models: Sequence[str | None] = (),
+                   device: str | None = None) -> dict:
+    """Write metrics.json, concepts.csv, loss.csv and overlays/ for the jobs of one batch summary.
+
+    `fidelity_models` (local DINOv2 / DINO / CLIP folders) computes the fidelity metric
+    (mcpl.concepts.fidelity) of every job from its bundle and its training images, in place of the
+    values its job.json holds; without them, the values job.json holds (computed during the job) are
+    reported. Bundles are never changed. A job that cannot be scored is named in the result's
+    `fidelity_notes`; when none can, a BundleError says why.
+    """
+    from mcpl.concepts.fidelity import is_fidelity_key, load_models
+    from mcpl.errors import BundleError, MCPLError
+
     batch_dir, out = Path(batch_dir), Path(out_dir)
     if not (batch_dir / SUMMARY_FILE).is_file():
         raise FileNotFoundError(f"{batch_dir / SUMMARY_FILE} not found; run `mcpl batch --out {batch_dir}` first")
     summary = BatchSummary.read(batch_dir)
+    models = load_models(fidelity_models, device) if any(fidelity_models) else []
+    notes: list[str] = []
     shutil.rmtree(out / "overlays", ignore_errors=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     concept_rows: list[dict] = []
@@ -201,17 +234,43 @@ def evaluate_batch(batch_dir: str | Path, out_dir: str | Path) -> dict:
             final_losses.append(float(record.final_loss))
         for entry in record.history:
             losses.setdefault(int(entry["step"]), []).append(float(entry["loss"]))
+        per_image = record.metrics
+        if models:
+            try:
+                computed = job_fidelity(bundle, record, models)
+            except MCPLError as err:
+                notes.append(f"job {job.job_id} ({_label(job)}): no fidelity: {err}")
+                computed = {}
+            per_image = {key: {token: {k: v for k, v in values.items() if not is_fidelity_key(k)}
+                               for token, values in per_token.items()} for key, per_token in record.metrics.items()}
+            for key, per_token in computed.items():
+                for token, values in per_token.items():
+                    per_image.setdefault(key, {}).setdefault(token, {}).update(values)
         for i, image in enumerate(record.images):
             src = bundle.file(image.overlay)
             if src.is_file():
                 shutil.copyfile(src, out / "overlays" / f"{label}_image{i}.png")
-            for token, values in record.metrics.get(f"image_{i}", {}).items():
-                concept_rows.append({"concept": f"{label}/{i}/{token}", "job_id": job.job_id,
-                                     "rows": " ".join(map(str, job.rows)), "image": image.source,
-                                     "token": token, **{k: round(float(values[k]), 4) for k in METRIC_KEYS}})
-    _write_csv(out / "concepts.csv", concept_rows, ["concept", *METRIC_KEYS, "job_id", "rows", "image", "token"])
+            for token, values in per_image.get(f"image_{i}", {}).items():
+                scores = {k: round(float(v), 4) for k, v in values.items()
+                          if (k in METRIC_KEYS or is_fidelity_key(k)) and isinstance(v, int | float)}
+                if scores:
+                    concept_rows.append({"concept": f"{label}/{i}/{token}", "job_id": job.job_id,
+                                         "rows": " ".join(map(str, job.rows)), "image": image.source,
+                                         "token": token, **scores})
+    if models and notes and not any(is_fidelity_key(k) for r in concept_rows for k in r):
+        raise BundleError("no job of the batch could be scored for fidelity:\n  " + "\n  ".join(notes))
+    fidelity_keys = sorted({k for r in concept_rows for k in r if is_fidelity_key(k)})
+    _write_csv(out / "concepts.csv", concept_rows,
+               ["concept", *METRIC_KEYS, *fidelity_keys, "job_id", "rows", "image", "token"])
     _write_csv(out / "loss.csv", [{"step": s, "loss": round(sum(v) / len(v), 5)} for s, v in sorted(losses.items())],
                ["step", "loss"])
+    scored = [r for r in concept_rows if fidelity_keys and any(k in r for k in fidelity_keys)]
+    fidelity = {"concepts": len(scored), **{k: _mean([r[k] for r in scored if k in r]) for k in fidelity_keys},
+                # the source object was cut by the ground-truth mask where the job had one (it then has an IoU)
+                "ground_truth_masks": sum(1 for r in scored if "iou" in r)}
+    if models:
+        fidelity["jobs_unscored"] = len(notes)
+    concept_rows = [r for r in concept_rows if "iou" in r]  # the attention metrics need a ground-truth mask
     ious = [r["iou"] for r in concept_rows]
     metrics = {
         "jobs": {"total": len(summary.jobs), "trained": summary.count("done"),
@@ -226,9 +285,13 @@ def evaluate_batch(batch_dir: str | Path, out_dir: str | Path) -> dict:
         },
         "train": {"final_loss": _mean(final_losses)},
     }
+    if scored or models:
+        metrics["fidelity"] = fidelity
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    write_json(run_file(out / "metrics.json"), {"train": {"seconds": round(seconds, 1)}})  # not DVC metrics
-    return {**metrics, "train": {**metrics["train"], "seconds": round(seconds, 1)}}
+    volatile = {"train": {"seconds": round(seconds, 1)}, **({"fidelity_notes": notes} if notes else {})}
+    write_json(run_file(out / "metrics.json"), volatile)  # not DVC metrics
+    return {**metrics, "train": {**metrics["train"], "seconds": round(seconds, 1)},
+            **({"fidelity_notes": notes} if notes else {})}
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
