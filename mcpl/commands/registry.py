@@ -8,11 +8,12 @@ is a version; `NAME` alone, `NAME@latest`, `NAME@one` (alias per strategy), `NAM
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
-from mcpl.errors import EXIT_UNAVAILABLE
+from mcpl.errors import EXIT_UNAVAILABLE, MCPLError
 
 EXAMPLES = """examples:
   mcpl registry build runs/batch                    replay spooled MLflow logs, publish the batch's bundles
@@ -54,7 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("ref")
     e.add_argument("--format", choices=("diffusers", "a1111", "comfyui"), default="diffusers")
     e.add_argument("--out", default="exports", help="output folder")
-    e.add_argument("--name", default=None, help="file stem (A1111/ComfyUI trigger word); default: the registry name")
+    e.add_argument("--name", default=None, help="file stem (A1111/ComfyUI trigger word): letters, digits, "
+                   "'.', '_' and '-', written inside --out; default: the registry name")
+    e.add_argument("--force", action="store_true", help="replace files of the same name in --out "
+                   "(default: refuse to overwrite)")
     e.set_defaults(handler=run_export)
 
     ld = sub.add_parser("load", help="load concepts by name into a pipeline and generate")
@@ -69,6 +73,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ld.set_defaults(handler=run_load)
 
 
+def _tracking(handler):
+    """A registry command: an MLflow server that stops answering mid-way is TrackingUnavailable (exit 3),
+    never a traceback, an empty list or "no such concept"."""
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace) -> int:
+        from mcpl.pipeline.tracking.store import is_unreachable, unreachable_error
+
+        try:
+            return handler(args)
+        except MCPLError:
+            raise
+        except Exception as err:
+            if is_unreachable(err):
+                raise unreachable_error(err, args.tracking_uri) from None
+            raise
+    return wrapped
+
+
+def _shown(value: object) -> str:
+    """Registry text (tags, descriptions: user data, possibly from before validation refused control
+    characters) made safe for the terminal."""
+    from mcpl.method.prompts import visible
+
+    return visible("" if value is None else value)
+
+
+@_tracking
 def run_build(args: argparse.Namespace) -> int:
     from mcpl.pipeline.registry.publish import publish_bundles
     from mcpl.pipeline.tracking.tracker import Tracker
@@ -88,6 +119,7 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+@_tracking
 def run_list(args: argparse.Namespace) -> int:
     from mcpl.pipeline.registry.refs import list_concepts
 
@@ -98,6 +130,7 @@ def run_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no concepts registered (run a batch, or `mcpl registry build OUT`)")
         return 0
+    rows = [{k: _shown(v) for k, v in r.items()} for r in rows]
     width = max(len(r["name"]) for r in rows)
     print(f"{'name':<{width}}  ver  {'token':<12} {'strategy':<8} source")
     for r in rows:
@@ -105,34 +138,37 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_tracking
 def run_show(args: argparse.Namespace) -> int:
     from mcpl.pipeline.registry.refs import show
 
     info = show(args.ref, args.tracking_uri)
     if args.json:
-        print(json.dumps(info, indent=1, default=str))
+        print(json.dumps(info, indent=1, default=str))  # JSON escapes control characters itself
         return 0
-    print(f"{info['name']}: {info['description']}")
-    print("  aliases: " + (", ".join(f"@{a} -> v{v}" for a, v in info["aliases"].items()) or "-"))
+    v_ = _shown
+    print(f"{v_(info['name'])}: {v_(info['description'])}")
+    print("  aliases: " + (", ".join(f"@{v_(a)} -> v{v_(v)}" for a, v in info["aliases"].items()) or "-"))
     for v in info["versions"]:
         tags = v["tags"]
-        metrics = ", ".join(f"{k[7:]}={val}" for k, val in tags.items() if k.startswith("metric."))
-        print(f"  v{v['version']}: token {tags.get('token')} strategy {tags.get('strategy')} steps {tags.get('steps')} "
-              f"run {v['run_id']}\n       sentence: {tags.get('sentence')}\n       metrics: {metrics or '-'}")
+        metrics = ", ".join(f"{v_(k[7:])}={v_(val)}" for k, val in tags.items() if k.startswith("metric."))
+        print(f"  v{v_(v['version'])}: token {v_(tags.get('token'))} strategy {v_(tags.get('strategy'))} "
+              f"steps {v_(tags.get('steps'))} run {v_(v['run_id'])}\n       sentence: {v_(tags.get('sentence'))}"
+              f"\n       metrics: {metrics or '-'}")
     return 0
 
 
+@_tracking
 def run_export(args: argparse.Namespace) -> int:
     from mcpl.pipeline.registry.refs import export
 
-    path = export(args.ref, args.out, args.format, args.name, args.tracking_uri)
-    print(f"{args.ref} -> {path} ({args.format})")
+    path = export(args.ref, args.out, args.format, args.name, args.tracking_uri, force=args.force)
+    print(f"{_shown(args.ref)} -> {_shown(path)} ({args.format})")
     return 0
 
 
+@_tracking
 def run_load(args: argparse.Namespace) -> int:
-    from mcpl.concepts.generate import generate, load_pipeline, prompt_warnings
-    from mcpl.pipeline.registry.refs import load_into_pipeline, resolve
     from mcpl.pipeline.tracking.store import client_for
 
     refs, tokens = [], []
@@ -140,7 +176,10 @@ def run_load(args: argparse.Namespace) -> int:
         ref, _, token = item.partition("=")
         refs.append(ref)
         tokens.append(token or None)
-    client = client_for(args.tracking_uri, read_only=True)
+    client = client_for(args.tracking_uri, read_only=True)  # before torch/diffusers load: fail fast
+    from mcpl.concepts.generate import generate, load_pipeline, prompt_warnings
+    from mcpl.pipeline.registry.refs import load_into_pipeline, resolve
+
     model = args.model
     if model is None:
         name, version = resolve(client, refs[0])
@@ -148,9 +187,9 @@ def run_load(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model, args.device)
     loaded = load_into_pipeline(pipe, refs, tokens, client=client)
     for item in loaded:
-        print(f"  {item.token:<28} <- {item.name} v{item.version}")
+        print(f"  {_shown(item.token):<28} <- {_shown(item.name)} v{_shown(item.version)}")
     for warning in prompt_warnings(pipe, args.prompt, [i.token for i in loaded]):
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {_shown(warning)}", file=sys.stderr)
     used = [i.token for i in loaded if i.token in args.prompt]
     result = generate(pipe, args.prompt, used, num_images=args.num, steps=args.steps, seed=args.seed)
     out = result.save(args.out)

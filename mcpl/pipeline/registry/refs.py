@@ -8,6 +8,7 @@ prompt token: two that both learned `<dog>` are renamed, never silently overwrit
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import shutil
 import tempfile
@@ -19,9 +20,11 @@ from typing import Any
 
 from mcpl.concepts.embeddings import EMBEDS_FILE, ExportFormat, export_concept, load_concept
 from mcpl.errors import RegistryError
+from mcpl.method.prompts import shown
 from mcpl.pipeline.tracking.store import client_for
 
 SNAPSHOT_MODEL = "mcpl-registry"
+STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # an export's file stem: one plain file name
 REF = re.compile(r"^(?:models:/)?(?P<name>[^@/=]+?)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+|latest))?$")
 
 
@@ -127,13 +130,51 @@ def load_into_pipeline(pipe, refs: Sequence[str], tokens: Sequence[str | None] |
     return loaded
 
 
+def export_stem(file_name: str | None, registry_name: str = "concept") -> str:
+    """The file stem of an export: `file_name` if it is one plain file name, else refused; by default
+    the registry name reduced to letters, digits, `.`, `_` and `-` (names come from MLflow: untrusted)."""
+    if file_name is not None:
+        stem = file_name.removesuffix(".safetensors")
+        if not STEM.match(stem) or ".." in stem:
+            raise RegistryError(f"--name {shown(file_name)} is not a plain file name (letters, digits, '.', '_' "
+                                "and '-'; no '/', no '..', at most 200 characters): exports are written inside "
+                                "--out and nowhere else")
+        return stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", registry_name).replace("..", ".").strip(".-")[:200]
+    return stem or "concept"
+
+
 def export(ref: str, out_dir: str | Path, fmt: ExportFormat = "diffusers", file_name: str | None = None,
-           uri: str | None = None, client=None) -> Path:
-    """Write a registry concept as diffusers / Automatic1111 / ComfyUI read it (safetensors)."""
+           uri: str | None = None, client=None, *, force: bool = False) -> Path:
+    """Write a registry concept as diffusers / Automatic1111 / ComfyUI read it (safetensors).
+
+    Files go into `out_dir` only (the stem is one plain file name, `export_stem`). They are
+    written into a private folder inside `out_dir` first, then moved into place: an existing
+    file is refused unless `force`, and replaced (a symlink itself, never written through).
+    """
+    export_stem(file_name)  # refuse a bad --name before asking MLflow anything
     client = client or client_for(uri, read_only=True)
     name, version = resolve(client, ref)
+    stem = export_stem(file_name, name)
     folder = download_version(client, name, version)
-    return export_concept(folder / EMBEDS_FILE, out_dir, fmt, name=file_name or name)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RegistryError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".mcpl-export-", dir=out) as tmp:
+        first = export_concept(folder / EMBEDS_FILE, tmp, fmt, name=stem)
+        written = sorted(p for p in Path(tmp).iterdir() if p.is_file() and not p.is_symlink())
+        targets = [out / p.name for p in written]
+        existing = [t for t in targets if os.path.lexists(t)]
+        if existing and not force:
+            raise RegistryError(f"{existing[0]} already exists; pass --force to replace it (or choose another "
+                                "--name / --out)")
+        folders = [t for t in existing if t.is_dir() and not t.is_symlink()]
+        if folders:
+            raise RegistryError(f"{folders[0]} is a folder; choose another --name")
+        for src, dst in zip(written, targets, strict=True):
+            os.replace(src, dst)
+    return out / Path(first).name
 
 
 def list_concepts(uri: str | None = None, filter_string: str = "", client=None) -> list[dict[str, Any]]:

@@ -68,6 +68,33 @@ def probe(uri: str, timeout: float = 5.0) -> str | None:
         return str(getattr(err, "reason", err))
 
 
+def unavailable_message(uri: str, problem: str) -> str:
+    return (f"MLflow at {uri} is unreachable ({problem}); start it (scripts/serve.sh) or pass --tracking-uri / "
+            "MLFLOW_TRACKING_URI")
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether an exception from an MLflow call means "the server did not answer" (not "no such thing").
+
+    MLflow wraps a failed HTTP request in an MlflowException ("API request to ... failed with
+    exception ..."); requests' own ConnectionError/Timeout may also surface. Either must be
+    reported as TrackingUnavailable, never read as a missing name or an empty registry.
+    """
+    if isinstance(err, TrackingUnavailable | ConnectionError | TimeoutError):
+        return True
+    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
+    if names & {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "MaxRetryError", "NewConnectionError"}:
+        return True
+    text = str(err)
+    return "API request to" in text and "failed with exception" in text
+
+
+def unreachable_error(err: BaseException, uri: str | None) -> TrackingUnavailable:
+    """The TrackingUnavailable to raise for an unreachable-server exception."""
+    first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    return TrackingUnavailable(unavailable_message(resolve_tracking_uri(uri), first))
+
+
 def client_for(uri: str | None = None, *, read_only: bool = False, check: bool = True):
     """An MlflowClient (registry in the same store) on the resolved URI.
 
@@ -82,8 +109,7 @@ def client_for(uri: str | None = None, *, read_only: bool = False, check: bool =
     if check:
         problem = probe(uri)
         if problem:
-            raise TrackingUnavailable(f"MLflow at {uri} is unreachable ({problem}); start it (scripts/serve.sh) "
-                                      "or pass --tracking-uri / MLFLOW_TRACKING_URI")
+            raise TrackingUnavailable(unavailable_message(uri, problem))
     db = sqlite_path(uri)
     if read_only and db is not None and not db.exists():
         raise TrackingUnavailable(f"no MLflow store at {db}: nothing has been registered here yet. Run a batch "

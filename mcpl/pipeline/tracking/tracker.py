@@ -22,14 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mcpl.errors import TrackingUnavailable
 from mcpl.pipeline.tracking.spool import Spool
 from mcpl.pipeline.tracking.store import (
     DEFAULT_EXPERIMENT,
     experiment_id,
     is_permanent,
     now_ms,
+    probe,
     quick_http,
     resolve_tracking_uri,
+    unavailable_message,
 )
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class Tracker:
         self._lock = threading.RLock()
         self._offline_since: float | None = None
         self._last_probe = 0.0
+        self._probed = False  # the first call probes an HTTP server (seconds) before paying a request timeout
         self.status = TrackingStatus(self.uri, online=True, spool_dir=str(self.spool.root))
 
     # ------------------------------------------------------------------ public calls
@@ -129,8 +133,16 @@ class Tracker:
         return self._experiment_id
 
     def replay(self) -> int:
-        """Apply spooled calls in order; stop at the first that fails again. Returns how many applied."""
+        """Apply spooled calls in order; stop at the first that fails again. Returns how many applied.
+
+        An HTTP server is probed first (seconds): a dead or silent server must not cost each
+        spooled call its full request timeout and retries. Raises TrackingUnavailable then.
+        """
         applied = 0
+        if self.spool.keys():
+            problem = probe(self.uri)
+            if problem:
+                raise TrackingUnavailable(unavailable_message(self.uri, problem))
         with self._lock:
             for key in self.spool.keys():
                 with self.spool.locked(key):
@@ -160,14 +172,19 @@ class Tracker:
         if self.spool.keys():
             try:
                 self.replay()
-            except Exception as err:  # pragma: no cover - replay already catches
-                self.status.errors.append(str(err))
+            except Exception as err:  # noqa: BLE001 - unreachable (probe) or a replay failure: stays spooled
+                self._go_offline(err)
         self.status.pending = self.spool.count()
         return self.status
 
     # --------------------------------------------------------------------- internals
     def _call(self, key: str, op: dict) -> None:
         with self._lock:
+            if not self._probed:
+                self._probed = True
+                problem = probe(self.uri)
+                if problem:
+                    self._go_offline(TrackingUnavailable(unavailable_message(self.uri, problem)))
             if self._offline_since is not None and time.time() - self._last_probe > self.probe_every:
                 self._last_probe = time.time()
                 try:
