@@ -79,10 +79,11 @@ wait_http() {  # url name log
   exit 1
 }
 
-# The UI's api_url follows the port (without PREFECT_SERVER_API_PORT it stays on :4200); logs are
-# streamed out so that `prefect deployment run --watch` shows them as they come.
+# The UI's api_url follows the port (without PREFECT_SERVER_API_PORT it stays on :4200; spelled out, as
+# PREFECT_API_URL is emptied for the server on the same line); logs are streamed out so that
+# `prefect deployment run --watch` shows them as they come.
 PREFECT_HOME="$services/prefect" PREFECT_API_URL="" PREFECT_SERVER_API_HOST=127.0.0.1 \
-PREFECT_SERVER_API_PORT="$prefect_port" PREFECT_UI_API_URL="$PREFECT_API_URL" \
+PREFECT_SERVER_API_PORT="$prefect_port" PREFECT_UI_API_URL="http://127.0.0.1:$prefect_port/api" \
 PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=true \
   prefect server start --host 127.0.0.1 --port "$prefect_port" > "$services/logs/prefect.log" 2>&1 &
 pids+=($!)

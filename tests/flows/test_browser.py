@@ -1,14 +1,20 @@
-"""A headless Chromium (Debian's, via Selenium) finds a learned concept in the MLflow UI.
+"""A headless Chromium (Debian's, via Selenium) in the Prefect and MLflow UIs.
 
-It searches the registry by tag, opens the concept's version page (tags, source run), and
-follows the source run link to the concept's attention overlay, which must render.
-CI installs chromium + chromium-driver (scripts/ci_services.sh); locally the test skips
+- MLflow: it searches the registry by tag, opens the concept's version page (tags, source
+  run), and follows the source run link to the concept's attention overlay, which must render.
+- serve.sh on non-default ports: the Prefect UI shows the served flow run (its api_url follows
+  the port), and from the MLflow Models page one click on a concept's name shows its picture.
+
+Screenshots go to the test's temporary folder (`MCPL_SCREENSHOTS=DIR` keeps them there).
+CI installs chromium + chromium-driver (scripts/ci_services.sh); locally the tests skip
 with the reason when they are missing.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,12 +61,22 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="mcpl-chromium-")  # a fresh profile: no state from an earlier run
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-extensions", "--window-size=1400,1000"):
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--disable-extensions", "--window-size=1400,1000", f"--user-data-dir={profile}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     yield driver
     driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def screenshot(driver, name: str, tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("MCPL_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(folder / f"{name}.png"))
+    return folder / f"{name}.png"
 
 
 def wait_for(driver, condition, timeout: float = 60):
@@ -103,3 +119,52 @@ def test_find_concept_by_tag_and_see_its_overlay(browser, mlflow_server, publish
 
     wait_for(browser, overlay_shown)
     assert "concepts/kite/overlay.png" in body(browser)
+
+
+def rendered_images(driver, part: str) -> list[str]:
+    """src of every <img> whose src contains `part` and that the browser decoded (naturalWidth > 0)."""
+    return [img.get_attribute("src") for img in driver.find_elements("tag name", "img")
+            if part in (img.get_attribute("src") or "")
+            and driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0]
+
+
+def test_prefect_ui_on_a_non_default_port_shows_the_flow_runs(browser, serve_sh, served_run, tmp_path):
+    assert serve_sh.prefect_port != 4200 and served_run["flow_run"]
+    browser.get(f"{serve_sh.prefect_ui}/runs")
+    try:
+        wait_for(browser, lambda d: served_run["flow_run"] in body(d), timeout=90)
+    finally:
+        screenshot(browser, "prefect_runs", tmp_path)
+    text = body(browser)
+    assert "Can't connect" not in text and ":4200" not in text
+    assert "Completed" in text
+    next(a for a in browser.find_elements("tag name", "a") if a.text == served_run["flow_run"]).click()
+    try:  # the flow run's page: its logs carry each job's progress lines and the batch's outcome
+        wait_for(browser, lambda d: "step 4/4" in body(d) and "2 job(s): 2 trained" in body(d), timeout=90)
+    finally:
+        screenshot(browser, "prefect_flow_run", tmp_path)
+
+
+def test_models_page_to_the_concepts_picture_in_one_click(browser, serve_sh, served_run, tmp_path):
+    name = served_run["concepts"][0]
+    browser.get(f"{serve_sh.mlflow_uri}/#/models")
+    wait_for(browser, lambda d: any(a.text == name for a in d.find_elements("tag name", "a")), timeout=90)
+    for close in browser.find_elements("css selector", "button[aria-label='Close']"):  # MLflow's one-time promo
+        try:
+            close.click()
+        except Exception:  # noqa: BLE001 - not every close button is visible
+            pass
+    screenshot(browser, "mlflow_models", tmp_path)
+    next(a for a in browser.find_elements("tag name", "a") if a.text == name).click()  # the one click
+    concept = name.rsplit(".", 1)[1]
+
+    def both_pictures(d) -> list[str]:
+        shown = rendered_images(d, f"get-artifact?path=concepts/{concept}/")
+        return shown if {"overlay.png", "sample.png"} <= {src.split("&")[0].rsplit("/", 1)[1] for src in shown} \
+            else []
+
+    try:
+        wait_for(browser, both_pictures, timeout=90)  # the concept's attention overlay and its sample
+    finally:
+        screenshot(browser, "mlflow_model_page", tmp_path)
+    assert browser.current_url.endswith(f"/#/models/{name}")

@@ -168,3 +168,67 @@ def jobs_for(root: Path, model: str, manifest: Path | None = None, **fields) -> 
     report = validate_dataset(root, manifest or root / "manifest.parquet", model)
     assert report.ok, report.render()
     return load_jobs(report.manifest, fast_config(**fields), model)
+
+
+# ------------------------------------------------------------------------- scripts/serve.sh
+class ServeScript:
+    """`bash scripts/serve.sh` as a user runs it: non-default ports, a project folder of its own
+    (MCPL_HOME) and a HOME of its own (so the test sees whether anything global is written)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.project, self.services, self.home = root / "project", root / "services", root / "home"
+        for d in (self.project, self.home):
+            d.mkdir(parents=True, exist_ok=True)
+        self.prefect_port, self.mlflow_port = free_port(), free_port()
+        self.prefect_ui = f"http://127.0.0.1:{self.prefect_port}"
+        self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
+        self.log = root / "serve.log"
+        self.proc: subprocess.Popen | None = None
+
+    def shell_env(self, **extra: str) -> dict[str, str]:
+        """A new shell in the project: nothing exported by serve.sh, the venv's commands on PATH."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "MCPL_HOME", "PYTHONPATH")
+               and not k.startswith(("PREFECT_", "MLFLOW_"))}
+        env.update({k: v for k, v in QUIET_ENV.items() if k != "PREFECT_LOGGING_LEVEL"})
+        env.update({"HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra})
+        return env
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 600) -> None:
+        env = self.shell_env(PREFECT_PORT=str(self.prefect_port), MLFLOW_PORT=str(self.mlflow_port),
+                             SERVICES_DIR=str(self.services), MCPL_HOME=str(self.project))
+        with open(self.log, "a") as fh:
+            self.proc = subprocess.Popen(["bash", str(REPO / "scripts" / "serve.sh")], env=env, cwd=str(self.project),
+                                         stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while "is being served" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.time() > deadline:
+                tail = self.log.read_text(errors="replace")[-4000:]
+                self.stop()
+                raise RuntimeError(f"serve.sh did not come up (exit {self.proc and self.proc.returncode}):\n{tail}")
+            time.sleep(1)
+
+    def ensure(self) -> ServeScript:
+        if not self.running:
+            self.start()
+        return self
+
+    def stop(self) -> None:
+        """Ctrl-C, as a user stops it (serve.sh's trap removes its pointers and stops its children)."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                self.proc.wait(60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                stop_process(self.proc)
+            self.proc = None
+
+    def run(self, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+        """A command typed in another shell, in the project folder."""
+        return subprocess.run(args, cwd=str(self.project), env=self.shell_env(), capture_output=True, text=True,
+                              timeout=timeout)
