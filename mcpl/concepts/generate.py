@@ -64,15 +64,18 @@ def borrowed_pipeline(components: Components) -> Iterator:
     """A sampling pipeline on a job's already loaded model; loading concepts into it grows the shared
     encoders' tables, so each encoder's original table (and vocabulary size) is put back after."""
     family = components.family
-    saved = [(s.encoder, s.encoder.get_input_embeddings(), s.encoder.config.vocab_size) for s in components.stacks]
+    # transformers resizes a table in place (same module, new weight data), so the weights are kept too
+    saved = [(s.encoder, s.encoder.get_input_embeddings(), s.encoder.get_input_embeddings().weight.data,
+              s.encoder.config.vocab_size) for s in components.stacks]
     pipe = family.pipeline_from(components)
     pipe.set_progress_bar_config(disable=True)
     pipe.mcpl_family, pipe.mcpl_model = family, components.name
     try:
         yield pipe
     finally:
-        for encoder, table, vocab in saved:
+        for encoder, table, weights, vocab in saved:
             encoder.set_input_embeddings(table)
+            table.weight.data, table.num_embeddings = weights, weights.shape[0]
             encoder.config.vocab_size = vocab
 
 
