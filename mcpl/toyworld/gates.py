@@ -231,7 +231,7 @@ def run_gates(
             right = C.matches(found, objs)
             ok2 += right
             if right:
-                segs = {(c, f.shape): comp for (c, comp, _), f in zip(C.segment(img), found, strict=True)}
+                segs = {f.pair(): f.mask for f in found}
                 gen_masks.append([_mask16(segs[o]) for o in objs])
                 gen_maps.append({k: v[j : j + 1] for k, v in maps.items()})
     two = {"prompts": len(twos), "whole_image_acc": ok2 / len(twos)}
