@@ -21,6 +21,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # (For ASCII this is exactly [A-Za-z0-9'-]+; "café" stays one word instead of "caf" + "é".)
 WORD_RE = re.compile(r"(?:[^\W_]|['-])+|[^\s]")
 MAX_SENTENCE_CHARS = 1000  # any real caption is far shorter; the token limit (77 for SD) bites first
+MAX_NAME_CHARS = 64  # a placeholder name is a folder name and part of a registry name
 # Unicode categories refused in user text: controls (NUL, BEL, ESC of ANSI sequences, line
 # breaks, tabs), format characters (bidi overrides like U+202E, zero-width spaces and joiners,
 # soft hyphens, BOM), surrogates, private use, unassigned, line/paragraph separators.
@@ -157,6 +158,9 @@ def _parse_marker(body: str, text: str) -> Concept:
     name = fields[0]
     if not name or not NAME_RE.match(name):
         raise SentenceError(f"invalid placeholder name {shown(name)} in {shown(text)} (letters, digits, _ and -)")
+    if len(name) > MAX_NAME_CHARS:
+        raise SentenceError(f"placeholder name {shown(name, 40)} is {len(name)} characters; at most {MAX_NAME_CHARS} "
+                            "(it names the concept's folder and registry entry)")
     initializer = fields[1] if len(fields) > 1 else name
     if not initializer or not re.match(r"^[\w'-]+$", initializer):
         raise SentenceError(f"invalid initializer word {shown(initializer)} for <{name}> (one word)")
@@ -172,17 +176,28 @@ def _validate(sentence: Sentence) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SentenceError(f"duplicate placeholder(s) {', '.join('<' + d + '>' for d in dupes)}")
+    _same_but_case(names)
     words = {w.lower() for w in sentence.words}
     for c in concepts:
         if c.adjective and c.adjective not in words:
             raise SentenceError(f"adjective {shown(c.adjective)} of <{c.name}> is not a word of the sentence")
 
 
+def _same_but_case(names: Sequence[str]) -> None:
+    """CLIP's tokenizer lowercases the text: <Dog> and <dog> would be one token, learned as two."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise SentenceError(f"placeholders <{other}> and <{name}> differ only in case; the tokenizer reads "
+                                "them as one word: rename one")
+
+
 def check_against_vocab(sentences: Sequence[Sentence], vocab: set[str] | dict[str, int]) -> None:
     """Reject placeholders that already are vocabulary entries (they would not be new words)."""
     for s in sentences:
         for c in s.concepts:
-            if c.token in vocab or c.token + "</w>" in vocab:
+            if any(t in vocab for t in (c.token, c.token + "</w>", c.token.lower(), c.token.lower() + "</w>")):
                 raise SentenceError(f"placeholder {c.token} is already in the tokenizer's vocabulary")
 
 
@@ -278,6 +293,7 @@ def plan_prompts(sentences: Sequence[Sentence], strategy: str, num_vectors: int 
             else:
                 core.append(piece)
         cores.append(core)
+    _same_but_case([t.label for t in tokens.values() if "." not in t.label])  # concepts (MCPL-all words have a dot)
     adjectives = {t.adjective for t in tokens.values() if t.adjective}
     usable = valid_templates(cores, learnable_words | adjectives, templates) if use_templates else ["{}"]
     return PromptPlan(tokens=list(tokens.values()), cores=cores, templates=usable or ["{}"], num_vectors=num_vectors)

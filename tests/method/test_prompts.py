@@ -119,3 +119,72 @@ def test_multi_vector_tokens_follow_diffusers_convention():
 def test_model_template_candidates_restrict_templates():
     plan = plan_prompts([parse_sentence(SENTENCE)], "one", templates=("{}", "a rendering of {}", "a brown {}"))
     assert plan.templates == ["{}", "a rendering of {}"]
+
+
+def test_phrases_joined_by_and_can_be_listed_in_any_order():
+    """PromptCL views may reorder phrases joined by 'and' / ',': the same scene, another prompt."""
+    plan = plan_prompts([parse_sentence("a photo of a red <a|object|red> and a blue <b|object|blue>")], "one",
+                        templates=("{}",))
+    assert plan.orders == [[(0, 1), (1, 0)]]
+    assert plan.prompt(0, "{}", 0) == "a red <a> and a blue <b>"
+    assert plan.prompt(0, "{}", 1) == "a blue <b> and a red <a>"
+    three = plan_prompts([parse_sentence("a <a|x>, a <b|y> and a <c|z>")], "one")
+    assert len(three.orders[0]) == 6
+    assert three.prompt(0, "{}", 5) == "a <c> , a <b> and a <a>"  # separators stay in place
+
+
+def test_sentences_without_joined_phrases_have_one_order():
+    assert plan_prompts([parse_sentence(SENTENCE)], "one").orders == [[(0,)]]  # "on" is no separator
+    assert plan_prompts([parse_sentence("a <a|x> and")], "one").n_orders(0) == 1  # an empty phrase
+
+
+# --------------------------------------------------------------------------- text hygiene
+@pytest.mark.parametrize("text, fragment", [
+    ("a <dog>\x00", "control character U+0000 NUL at character 7"),
+    ("\x1b[31ma <dog>", "control character U+001B ESCAPE at character 0"),
+    ("a\t<dog>", "U+0009 TAB"),
+    ("a <dog>\n", "U+000A LINE FEED"),
+    ("a \u202e<dog>", "invisible formatting character U+202E RIGHT-TO-LEFT OVERRIDE at character 2"),
+    ("a\u200b <dog>", "U+200B ZERO WIDTH SPACE"),
+    ("a <dog>\u2028", "line separator U+2028"),
+    ("a <dog> \ud800", "lone surrogate U+D800"),
+    ("a <dog> \ue000", "private-use character U+E000"),
+])
+def test_sentences_with_control_or_invisible_characters_are_refused(text, fragment):
+    with pytest.raises(SentenceError, match="contains a") as err:
+        parse_sentence(text)
+    assert fragment in str(err.value)
+    assert "\x00" not in str(err.value) and "\x1b" not in str(err.value)  # the message itself is safe to print
+
+
+def test_long_sentences_are_refused_before_parsing():
+    from mcpl.method.prompts import MAX_SENTENCE_CHARS
+
+    parse_sentence("a <dog> " + "x" * (MAX_SENTENCE_CHARS - 8))
+    with pytest.raises(SentenceError, match="characters long; the limit is 1,000"):
+        parse_sentence("a <dog> " + "x" * MAX_SENTENCE_CHARS)
+
+
+def test_words_of_any_script_stay_whole_and_are_read_composed():
+    s = parse_sentence("a caf\u0065\u0301 <dog> on a s\u00e1nchez-style rug")
+    assert s.words[:2] == ["a", "caf\u00e9"] and "s\u00e1nchez-style" in s.words
+    assert parse_sentence("a (big) <dog>!").words == ["a", "(", "big", ")", "!"]  # ASCII splits as before
+
+
+def test_visible_escapes_what_a_terminal_would_act_on():
+    from mcpl.method.prompts import shown, visible
+
+    assert visible("a\x1b[2Jb\u202ec\x07 d\xa0e") == "a\\x1b[2Jb\\u202ec\\x07 d\\xa0e"
+    assert visible("x" * 10, limit=4) == "xxxx... (6 more characters)"
+    assert shown("\x1b" + "y" * 100).startswith("'\\x1b") and "(101 characters)" in shown("\x1b" + "y" * 100)
+
+
+def test_placeholders_that_differ_only_in_case_are_one_word_to_the_tokenizer():
+    with pytest.raises(SentenceError, match="differ only in case"):
+        parse_sentence("a <Dog> and a <dog>")
+    with pytest.raises(SentenceError, match="differ only in case"):  # across a diverse group too
+        plan_prompts([parse_sentence("a <Dog>"), parse_sentence("a <dog>")], "diverse")
+    with pytest.raises(SentenceError, match="already in the tokenizer's vocabulary"):
+        check_against_vocab([parse_sentence("a <Dog>")], {"<dog>": 5})
+    with pytest.raises(SentenceError, match="at most 64"):
+        parse_sentence(f"a <{'x' * 65}>")

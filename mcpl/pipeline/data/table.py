@@ -217,8 +217,8 @@ def _csv_table(path: Path, text: str) -> Table:
     rows: list[RawRow] = []
     try:
         header = next(reader)
-        while not any(h.strip() for h in header):  # blank lines before the header
-            header = next(reader)
+        while not any(h.strip() for h in header) or (header and header[0].startswith("sep=") and len(header) <= 2):
+            header = next(reader)  # blank lines, and Excel's "sep=," hint line, before the header
     except StopIteration:
         raise DatasetError(f"table {path} is empty") from None
     except csv.Error as err:
@@ -294,7 +294,9 @@ def _csv_table(path: Path, text: str) -> Table:
 def _check_columns(raw: RawRow, keys: list[str]) -> None:
     unknown = [k for k in keys if k not in COLUMNS]
     if unknown:
-        raw.error("(row)", f"unknown column(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(COLUMNS)})")
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raw.error("(row)", f"unknown column(s) {', '.join(repr(k[:60]) for k in unknown[:10])}{more} "
+                           f"(allowed: {', '.join(COLUMNS)})")
     for column in REQUIRED:
         if column not in (raw.values or {}):
             raw.error(column, f"missing required column {column!r}")

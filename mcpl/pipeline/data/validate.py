@@ -47,6 +47,7 @@ MANIFEST_NAME = "manifest.parquet"
 MANIFEST_VERSION = "1"
 MAX_GROUP_CHARS = 100  # a group name becomes part of registry names and file names
 MAX_JSON_CHARS = 65_536  # `meta` / `overrides` as JSON text: they are kept in every manifest row
+MAX_MASKS = 64  # one per placeholder; a sentence within the token limit has far fewer
 MAX_ASPECT = 2.0  # training sees the centred square: a wider image loses more than half of itself
 # A cell starting with one of these is a formula in Excel / LibreOffice / Sheets (CSV injection):
 # no sentence, name or path of ours starts like that, so such a cell is refused, never stored.
@@ -443,6 +444,9 @@ def _check_masks(r: RowResult, root: Path, value: object, sentence: Sentence | N
     if not isinstance(value, dict):
         r.reject("masks", 'expected a JSON object like {"<name>": "masks/name.png"}, '
                           f"got {type(value).__name__}")
+        return
+    if len(value) > MAX_MASKS:
+        r.reject("masks", f"{len(value):,} masks; at most {MAX_MASKS} (one per placeholder of the sentence)")
         return
     tokens = [c.token for c in sentence.concepts] if sentence else None
     seen: dict[str, str] = {}

@@ -16,13 +16,17 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mcpl.concepts.embeddings import EMBEDS_FILE, ExportFormat, export_concept, load_concept
 from mcpl.errors import RegistryError
 from mcpl.method.prompts import shown
 from mcpl.pipeline.tracking.store import client_for
 
+if TYPE_CHECKING:
+    from mcpl.concepts.embeddings import ExportFormat
+
+# mcpl.concepts.embeddings (torch) is imported where a file is read or written, not here: `registry
+# list` / `show` and a dead server's error must not wait for torch to load.
 SNAPSHOT_MODEL = "mcpl-registry"
 STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # an export's file stem: one plain file name
 REF = re.compile(r"^(?:models:/)?(?P<name>[^@/=]+?)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+|latest))?$")
@@ -91,6 +95,8 @@ def fetch(refs: Sequence[str], uri: str | None = None, client=None) -> list[Load
     A concept keeps its learned token (`<dog>`) unless another requested concept learned
     the same one; then every concept sharing it gets its registry name (`<example.a.dog>`).
     """
+    from mcpl.concepts.embeddings import EMBEDS_FILE, load_concept
+
     client = client or client_for(uri, read_only=True)
     out = []
     for ref in refs:
@@ -118,6 +124,7 @@ def load_into_pipeline(pipe, refs: Sequence[str], tokens: Sequence[str | None] |
     `prompt` to be sampled, a UserWarning says when it uses none of the loaded tokens or is
     longer than the text encoder reads (mcpl.concepts.generate.prompt_warnings).
     """
+    from mcpl.concepts.embeddings import EMBEDS_FILE
     from mcpl.concepts.generate import load_concepts, prompt_warnings
 
     loaded = fetch(refs, uri, client)
@@ -152,6 +159,8 @@ def export(ref: str, out_dir: str | Path, fmt: ExportFormat = "diffusers", file_
     written into a private folder inside `out_dir` first, then moved into place: an existing
     file is refused unless `force`, and replaced (a symlink itself, never written through).
     """
+    from mcpl.concepts.embeddings import EMBEDS_FILE, export_concept
+
     export_stem(file_name)  # refuse a bad --name before asking MLflow anything
     client = client or client_for(uri, read_only=True)
     name, version = resolve(client, ref)

@@ -359,6 +359,9 @@ CASES: list[Case] = [
     Case("sentence-emoji-initializer", _sent("a <c1|\U0001f436>"), {"sentence": "invalid initializer word"}),
     Case("sentence-unknown-initializer", _sent("a <c1|café>"), {"sentence": "initializer word 'café' of <c1>"}),
     Case("sentence-five-fields", _sent("a <c1|a|b|c|d>"), {"sentence": "has 5 fields"}),
+    Case("sentence-case-twins", _sent("a red <C1|object|red> and a blue <c1|thing|blue>"),
+         {"sentence": "placeholders <C1> and <c1> differ only in case"}),
+    Case("sentence-long-name", _sent(f"a <{'n' * 200}|object>"), {"sentence": "is 200 characters; at most 64"}),
     # ---- masks --------------------------------------------------------------------------
     Case("masks-string", _masked("m.png"), {"masks": "expected a JSON object"}),
     Case("masks-list", _masked(["m.png"]), {"masks": "expected a JSON object"}),
@@ -377,6 +380,8 @@ CASES: list[Case] = [
     Case("masks-empty", _masked(lambda d: {"<c1>": f"{d}/m.png"}, mask_img=Image.new("L", (32, 32), 0)),
          {"masks": "is empty: no white"}),
     Case("masks-folder", _masked(lambda d: {"<c1>": d}), {"masks": "is a folder"}),
+    Case("masks-ten-thousand", _masked({f"<m{i}>": "m.png" for i in range(10_000)}),
+         {"masks": "10,000 masks; at most 64"}),
     Case("masks-rgba-accepted", _masked(lambda d: {"c1": f"{d}/m.png"}, mask_img=mask(BOX1).convert("RGBA")),
          converted="mask of <c1>: RGBA -> L"),
     # ---- group --------------------------------------------------------------------------
@@ -461,6 +466,9 @@ CASES: list[Case] = [
     Case("row-deep-array", lambda root, d: DEEP, {"(row)": "nested more than 32 levels deep"}),
     Case("row-unknown-column", _line('{"imagee": "{IMG}", "sentence": "{SENT}"}'),
          {"(row)": "unknown column(s) 'imagee'", "image": "missing required column 'image'"}),
+    Case("row-many-unknown-columns", _line('{"image": "{IMG}", "sentence": "{SENT}", '
+                                           + ", ".join(f'"k{i}": {i}' for i in range(5000)) + "}"),
+         {"(row)": "'k9' and 4990 more (allowed"}),
     Case("row-empty-object", lambda root, d: "{}", {"image": "missing required column", "sentence": "missing"}),
     Case("row-latin-1", lambda root, d: '{"image": "caf\xe9.png", "sentence": "a <c1>"}'.encode("latin-1"),
          {"(row)": "text is not valid UTF-8 (byte 0xe9"}),

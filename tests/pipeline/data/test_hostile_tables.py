@@ -144,6 +144,7 @@ TABLES = [
     Table("csv-quoted-header", _csv(lambda a, b: csv_text([a, GOOD], header='"image","sentence"')), [(1, 2, None)]),
     Table("csv-blank-lines-before-header", _csv(lambda a, b: "\n\n" + csv_text([a, GOOD, "", "", "", ""])),
           [(1, 4, None)]),
+    Table("csv-excel-sep-line", _csv(lambda a, b: "sep=,\n" + csv_text([a, GOOD, "", "", "", ""])), [(1, 3, None)]),
     Table("csv-duplicate-column", _csv(lambda a, b: csv_text([a, GOOD, a], header="image,sentence,image")),
           [(1, 2, {"(header)": "'image' appear more than once"})]),
     Table("csv-semicolons", _csv(lambda a, b: f"image;sentence\n{a};{GOOD}\n"),
