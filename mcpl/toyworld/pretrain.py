@@ -52,6 +52,10 @@ class Config:
     ema: float = 0.998
     snr_gamma: float = 5.0
     p_empty: float = 0.1
+    # Share of captions that name each object by one attribute only ("a yellow and a square"):
+    # per object the colour or the shape word is dropped, so each word learns its own effect
+    # (compositional generalisation); those captions get no grounding loss. 0 = the original recipe.
+    p_partial: float = 0.0
     curriculum_steps: int = 2000  # steps with mostly single-object scenes
     ground_lambda: float = 0.05
     ground_tmax: int = 800
@@ -87,6 +91,7 @@ class Pool:
     n_obj: torch.Tensor  # long N
     ids: torch.Tensor  # long N,L token ids of the caption
     kind: torch.Tensor  # long N: number of objects (1..3), for the curriculum
+    objects: list[list[tuple[str, str]]] | None = None  # (colour, shape) per object, caption order
 
 
 def _pool_seed(seed: int, n: int, i: int) -> int:
@@ -95,7 +100,7 @@ def _pool_seed(seed: int, n: int, i: int) -> int:
 
 def build_pool(cfg: Config, tokenizer) -> Pool:
     """Render cfg.n_pool scenes from TRAIN_PAIRS only (deterministic in cfg.seed)."""
-    imgs, m16, m8, nobj, caps = [], [], [], [], []
+    imgs, m16, m8, nobj, caps, objs = [], [], [], [], [], []
     for n, count in zip((1, 2, 3), cfg.n_pool, strict=True):
         for i in range(count):
             r = render(sample_scene(_pool_seed(cfg.seed, n, i), n_objects=n, pairs=TRAIN_PAIRS))
@@ -108,6 +113,7 @@ def build_pool(cfg: Config, tokenizer) -> Pool:
             m8.append(F.avg_pool2d(t, 4)[0])
             nobj.append(n)
             caps.append(caption(r.scene.objects))
+            objs.append([(o.colour, o.shape) for o in r.scene.objects])
     ids = tokenizer(
         caps,
         padding="max_length",
@@ -116,7 +122,12 @@ def build_pool(cfg: Config, tokenizer) -> Pool:
         return_tensors="pt",
     ).input_ids
     n_obj = torch.tensor(nobj)
-    return Pool(torch.from_numpy(np.stack(imgs)), torch.stack(m16), torch.stack(m8), n_obj, ids, n_obj.clone())
+    return Pool(torch.from_numpy(np.stack(imgs)), torch.stack(m16), torch.stack(m8), n_obj, ids, n_obj.clone(), objs)
+
+
+def partial_caption(objects: list[tuple[str, str]], rng: np.random.Generator) -> str:
+    """Each object by one attribute: 'a yellow and a square' (colour or shape word dropped)."""
+    return " and ".join(f"a {c}" if rng.random() < 0.5 else f"a {s}" for c, s in objects)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -475,9 +486,18 @@ def main(argv: list[str] | None = None) -> None:
         zt = sched.add_noise(z0, noise, t)
         drop = torch.rand(b, generator=g) < cfg.p_empty
         ids = pool.ids[idx].clone()
+        partial = torch.zeros(b, dtype=torch.bool)
+        if cfg.p_partial > 0:
+            partial = ~drop & torch.from_numpy(rng.random(b) < cfg.p_partial)
+            rows = partial.nonzero()[:, 0].tolist()
+            if rows:
+                texts = [partial_caption(pool.objects[int(idx[r])], rng) for r in rows]
+                ids[rows] = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                                      truncation=True, return_tensors="pt").input_ids
         ids[drop] = empty_ids
         n_obj = pool.n_obj[idx]
-        valid = (torch.arange(MAX_OBJ)[None] < n_obj[:, None]) & ~drop[:, None] & (t < cfg.ground_tmax)[:, None]
+        grounded = ~(drop | partial) & (t < cfg.ground_tmax)
+        valid = (torch.arange(MAX_OBJ)[None] < n_obj[:, None]) & grounded[:, None]
         if cfg.ground_scope == "multi":
             valid &= (n_obj >= 2)[:, None]
         use_ground = cfg.ground_lambda > 0 and step >= cfg.ground_start and bool(valid.any())

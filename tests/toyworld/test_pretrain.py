@@ -1,8 +1,9 @@
 """Pretraining on a tiny config: stop-and-resume is bit-identical to an uninterrupted run.
 
 The config is the real recipe scaled down (a few dozen pool scenes, 3 VAE steps, 8 UNet
-steps with the grounding loss and its coverage term switched on mid-run), so the test
-exercises the real checkpoint, export and capture code paths in a few seconds.
+steps with the grounding loss and its coverage term switched on mid-run, and partial
+captions), so the test exercises the real checkpoint, export and capture code paths in a
+few seconds.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TINY = [
     "--vae-steps", "3", "--vae-batch", "8",
     "--steps", "8", "--batch", "4", "--warmup", "2",
     "--curriculum-steps", "3", "--ground-start", "1", "--ground-cover-start", "2", "--ground-tmax", "1000",
-    "--ckpt-every", "3", "--export-every", "100", "--log-every", "2",
+    "--ckpt-every", "3", "--export-every", "100", "--log-every", "2", "--p-partial", "0.3",
 ]
 
 
