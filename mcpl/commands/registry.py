@@ -101,9 +101,11 @@ def _shown(value: object) -> str:
 
 @_tracking
 def run_build(args: argparse.Namespace) -> int:
+    from mcpl.commands.common import quiet_libraries
     from mcpl.pipeline.registry.publish import publish_bundles
     from mcpl.pipeline.tracking.tracker import Tracker
 
+    quiet_libraries()  # one line per published version, no download bar per snapshot row
     root = Path(args.root)
     spool = root / "mlflow-spool"
     if spool.is_dir():
