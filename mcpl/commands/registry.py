@@ -101,6 +101,15 @@ def _shown(value: object) -> str:
 
 @_tracking
 def run_build(args: argparse.Namespace) -> int:
+    from mcpl.errors import TrackingUnavailable
+    from mcpl.pipeline.tracking.store import probe, resolve_tracking_uri, unavailable_message
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    problem = probe(uri)  # seconds, before torch/transformers load and before any card is written
+    if problem:
+        spool = Path(args.root) / "mlflow-spool"
+        kept = f"; the spooled logs in {spool} stay there" if spool.is_dir() else ""
+        raise TrackingUnavailable(unavailable_message(uri, problem) + kept + "; nothing published")
     from mcpl.commands.common import quiet_libraries
     from mcpl.pipeline.registry.publish import publish_bundles
     from mcpl.pipeline.tracking.tracker import Tracker
