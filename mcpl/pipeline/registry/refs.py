@@ -159,11 +159,10 @@ def export(ref: str, out_dir: str | Path, fmt: ExportFormat = "diffusers", file_
     written into a private folder inside `out_dir` first, then moved into place: an existing
     file is refused unless `force`, and replaced (a symlink itself, never written through).
     """
-    from mcpl.concepts.embeddings import EMBEDS_FILE, export_concept
-
     export_stem(file_name)  # refuse a bad --name before asking MLflow anything
     client = client or client_for(uri, read_only=True)
     name, version = resolve(client, ref)
+    from mcpl.concepts.embeddings import EMBEDS_FILE, export_concept  # torch: only once there is a concept
     stem = export_stem(file_name, name)
     folder = download_version(client, name, version)
     out = Path(out_dir)

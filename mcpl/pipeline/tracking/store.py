@@ -100,10 +100,8 @@ def client_for(uri: str | None = None, *, read_only: bool = False, check: bool =
 
     `check`: probe an HTTP server first and raise TrackingUnavailable within seconds if it
     is down. `read_only`: a SQLite store that does not exist is an error (reading must
-    never create an empty database).
+    never create an empty database). Both checks come before mlflow is imported (seconds).
     """
-    from mlflow import MlflowClient
-
     quick_http()
     uri = resolve_tracking_uri(uri)
     if check:
@@ -115,6 +113,8 @@ def client_for(uri: str | None = None, *, read_only: bool = False, check: bool =
         raise TrackingUnavailable(f"no MLflow store at {db}: nothing has been registered here yet. Run a batch "
                                   "(`dvc repro`, `mcpl registry build OUT`) or point --tracking-uri / "
                                   "MLFLOW_TRACKING_URI at the store the pipeline used")
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
