@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     sc = sub.add_parser("score")
     sc.add_argument("--data", default=DEFAULT_DATA)
     sc.add_argument("--checker", default=None)
+    sc.add_argument("--write-metrics", action="store_true",
+                    help="add the agreement to the checker folder's metrics.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "make":
@@ -307,7 +309,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     from mcpl.toyworld.checker import DEFAULT_DIR, Checker
 
-    res = score(Checker.load(a.checker or DEFAULT_DIR), a.data)
+    checker_dir = Path(a.checker or DEFAULT_DIR)
+    res = score(Checker.load(checker_dir), a.data)
+    if a.write_metrics:
+        metrics_file = checker_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        metrics["generated"] = {k: {"agree": v["agree"], "images": v["images"], "accuracy": v["accuracy"]}
+                                for k, v in res.items()}
+        metrics["generated"]["disagreements"] = res["all"]["wrong"]
+        metrics_file.write_text(json.dumps(metrics, indent=1))
     for k, v in res.items():
         print(f"{k}: {v['agree']}/{v['images']} = {v['accuracy']:.3f}")
     for w in res["all"]["wrong"]:
