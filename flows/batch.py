@@ -1,25 +1,22 @@
-"""Flow `mcpl` (deployment `mcpl/batch`): one Prefect task per job of a dataset's manifest.
+"""Flow `mcpl` (deployment `mcpl/batch`): one Prefect task per job (or pack of jobs) of a manifest.
 
 Only wiring: what a batch and a job do is mcpl.pipeline's (`BatchRun` and its observers:
 progress lines, MLflow runs, the registry). Here are the fan-out, device pinning, process
 isolation and retries.
 
-- Local fan-out (`executor="local"`): at most one job per device at a time; with K GPUs
-  visible each job is pinned to its own `cuda:i`, on CPU `cpu_concurrency` jobs run side
-  by side, each in a process of its own (flows/job_process.py). A sliding window submits
-  a job only when a device is free.
+- Local fan-out (`executor="local"`): at most one task per device at a time; with K GPUs
+  visible each worker is pinned to its own `cuda:i`, on CPU `cpu_concurrency` tasks run side
+  by side, on long-lived worker processes that load the model once (mcpl.pipeline.workers);
+  `pack` > 1 trains that many compatible jobs per task in one UNet call per step. A sliding
+  window submits a task only when a device is free.
 - Distributed (`executor="workers"`): each job is a child flow run of the per-job
   deployment `mcpl-job/job` in a Prefect work pool; the workers (one per GPU) run them.
-- A task retry re-enters `run_one`, which resumes from the job's newest checkpoint;
+- A task retry re-enters `run_pack`, which resumes each job from its newest checkpoint;
   finished jobs are skipped (job id = images + sentences + config + model).
 """
 
 # No `from __future__ import annotations` here: Prefect builds its parameter model from the
 # flow signature at run time, and string annotations (Literal...) fail to resolve there.
-import json
-import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -74,71 +71,42 @@ def _run_options(device: str, samples: int, sample_steps: int, threads: int) -> 
 
 
 # ------------------------------------------------------------------------------ tasks
-@task(name="train-job", cache_policy=NONE, retry_delay_seconds=2, task_run_name="job-{spec[job_id]:.8} on {device}")
-def train_job(spec: dict, out: str, device: str, tracking: dict, isolate: bool = False, samples: int = 2,
-              sample_steps: int = 25, threads: int = 1, batch: Any = None) -> dict:
-    """Train one job on `device` (in a process of its own if `isolate`); raises on failure so
-    Prefect retries it, and a retry resumes from the job's newest checkpoint."""
-    from mcpl.job.bundle import JobOutcome
+@task(name="train-job", cache_policy=NONE, retry_delay_seconds=2, task_run_name="job-{label}")
+def train_job(specs: list[dict], out: str, device: str, tracking: dict, label: str = "", samples: int = 2,
+              sample_steps: int = 25, threads: int = 1, batch: Any = None, pool: Any = None) -> list[dict]:
+    """Train one job, or a pack of jobs sharing one UNet call per step, on `device`: on a warm worker of
+    `pool` (side by side, pinned, isolated), else in this process. Raises if a job failed so Prefect
+    retries the task; a retry resumes every job from its newest checkpoint and skips finished ones."""
     from mcpl.pipeline.data import JobSpec
     from mcpl.pipeline.progress import LogObserver
-    from mcpl.pipeline.runner import run_one
+    from mcpl.pipeline.runner import run_pack
     from mcpl.pipeline.tracking.observer import MlflowObserver, TrackingSettings
 
-    logger = get_run_logger()
-    options = _run_options(device, samples, sample_steps, threads)
-    job = JobSpec.from_dict(spec)
-    if isolate:
-        outcome = JobOutcome.from_dict(_run_in_process(spec, out, options, tracking, logger.info))
-    else:
+    jobs = [JobSpec.from_dict(s) for s in specs]
+    if pool is not None:
+        outcomes = pool.run(jobs, [batch.position(j) for j in jobs])
+        for outcome in outcomes:
+            batch.record(outcome)
+    elif batch is not None:  # the batch in this process: its observers and summary
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        observers = [LogObserver(logger.info), FaultObserver()]
-        if batch is not None:  # the batch in this process: its observers and summary
-            outcome = batch.run_one(job)
-        else:
-            outcome = run_one(job, out, options, [*observers, MlflowObserver.joining(TrackingSettings.from_dict(
-                tracking))])
-    if batch is not None and isolate:
-        batch.record(outcome)
-    if not outcome.ok:
-        raise RuntimeError(outcome.error)
-    return outcome.to_dict()
+        outcomes = batch.run_pack(jobs)
+    else:  # a per-job deployment's worker: it tracks into the batch's parent run
+        options = _run_options(device, samples, sample_steps, threads)
+        observers = [LogObserver(get_run_logger().info), FaultObserver(),
+                     MlflowObserver.joining(TrackingSettings.from_dict(tracking))]
+        outcomes = run_pack(jobs, out, options, observers)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise RuntimeError("; ".join(o.error or "failed" for o in failed))
+    return [o.to_dict() for o in outcomes]
 
 
-def _run_in_process(spec: dict, out: str, options: RunOptions, tracking: dict, say) -> dict:
-    """`python -m flows.job_process`, pinned to its GPU through CUDA_VISIBLE_DEVICES; its lines go to `say`."""
-    from mcpl.job.bundle import Bundle
-
-    bundle = Bundle.of(out, spec["job_id"])
-    bundle.path.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    device = options.device or "cpu"
-    if device.startswith("cuda"):
-        env["CUDA_VISIBLE_DEVICES"], device = device.partition(":")[2] or "0", "cuda:0"
-    args = bundle.path / ".job-args.json"
-    args.write_text(json.dumps({"spec": spec, "out": out, "tracking": tracking,
-                                "options": options.model_copy(update={"device": device}).model_dump()}))
-    bundle.outcome_file.unlink(missing_ok=True)
-    ours = re.compile(rf"^(\[\d+/\d+\] )?{spec['job_id'][:8]}\b")  # LogObserver's lines: start, steps, end
-    with open(bundle.job_log, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.job_process", str(args)], env=env, cwd=str(REPO_ROOT),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:  # the job's own lines (mcpl.pipeline.progress) reach the flow's log as they come
-            log.write(line)
-            if ours.match(line):
-                say(line.rstrip())
-        proc.wait()
-    outcome = bundle.outcome()
-    if outcome is None or proc.returncode not in (0, 1):
-        tail = "".join(bundle.job_log.read_text().splitlines(keepends=True)[-15:])
-        get_run_logger().warning("job process for %s exited with %s; log tail:\n%s", spec["job_id"], proc.returncode,
-                                 tail)
-        raise RuntimeError(f"job process exited with code {proc.returncode} (killed?); see {bundle.job_log}")
-    return outcome.to_dict()
+def _label(specs: list[dict], slot: str) -> str:
+    extra = f"+{len(specs) - 1}" if len(specs) > 1 else ""
+    return f"{specs[0]['job_id'][:8]}{extra} on {slot}"
 
 
 @task(name="job-deployment", cache_policy=NONE, task_run_name="job-{spec[job_id]:.8} via {deployment}")
@@ -174,8 +142,8 @@ def job_flow(spec: dict, out: str, tracking: dict, retries: int = 1, device: str
     Pin a worker to a GPU with CUDA_VISIBLE_DEVICES; `device` None means its first GPU, or CPU.
     """
     device = device or visible_devices(None, 1)[0]
-    return train_job.with_options(retries=retries)(spec, out, device, tracking, False, samples, sample_steps,
-                                                   threads)
+    return train_job.with_options(retries=retries)([spec], out, device, tracking, _label([spec], device), samples,
+                                                   sample_steps, threads)[0]
 
 
 @flow(name="mcpl", task_runner=ThreadPoolTaskRunner(max_workers=MAX_THREADS), log_prints=True)
@@ -198,6 +166,7 @@ def batch(
     executor: Literal["local", "workers"] = "local",
     job_deployment: str = JOB_DEPLOYMENT,
     max_parallel: int | None = None,
+    pack: int = 1,
     tracking_uri: str | None = None,
     experiment: str = "mcpl",
     publish: bool = True,
@@ -225,7 +194,8 @@ def batch(
         sample_steps: DDIM steps of those generations; unset: params.yaml batch.sample_steps.
         executor: local (this machine) or workers (child flow runs of `job_deployment` in a work pool).
         job_deployment: the per-job deployment the workers run.
-        max_parallel: bound on jobs in flight.
+        max_parallel: bound on tasks in flight.
+        pack: jobs of one model and size trained together in one UNet call per step (one task per pack).
         tracking_uri: MLflow; unset: $MLFLOW_TRACKING_URI (serve.sh sets it), else ./mlflow.db.
         experiment: MLflow experiment of the batch's runs.
         publish: publish the concepts to the registry after the batch.
@@ -233,12 +203,13 @@ def batch(
     import torch
     from prefect.runtime import flow_run
 
-    from mcpl.method.model_files import default_model
+    from mcpl.method.model_files import default_model, model_hash
     from mcpl.pipeline.data import plan_jobs, validate_dataset
     from mcpl.pipeline.progress import LogObserver
     from mcpl.pipeline.registry.publish import RegistryObserver
     from mcpl.pipeline.runner import BatchRun
     from mcpl.pipeline.tracking.observer import MlflowObserver
+    from mcpl.pipeline.workers import WorkerPool, WorkerSetup, plan_packs
 
     logger = get_run_logger()
     torch.set_num_threads(max(1, threads))
@@ -263,25 +234,36 @@ def batch(
                    rejected=plan.rejected, merged=plan.merged, model=model, base_config=source.base(),
                    manifest=manifest, params=params).start()
     tracking = mlflow.settings().to_dict()
+    pool = None
     if executor == "workers":
         slots = [job_deployment] * (max_parallel or 8)
+        groups = [[j.to_dict()] for j in plan.jobs]
 
-        def submit(spec: dict, slot: str):
-            return job_via_deployment.submit(spec, str(out_root), tracking, slot, retries, samples, sample_steps,
+        def submit(specs: list[dict], slot: str):
+            return job_via_deployment.submit(specs[0], str(out_root), tracking, slot, retries, samples, sample_steps,
                                              threads, run)
     else:
         slots = visible_devices(devices, cpu_concurrency)[: max_parallel or None]
-        # Side by side, each job gets a process of its own (pinning, isolation, no racing model loads);
-        # alone, it runs in this process with the batch's observers.
-        isolate = len(slots) > 1 or any(s.startswith("cuda") for s in slots)
+        groups = [[j.to_dict() for j in group] for group in plan_packs(plan.jobs, pack)]
+        # Side by side, jobs go to long-lived worker processes (pinned, isolated, the model loaded once per
+        # worker, no racing model loads); alone, they run in this process with the batch's observers.
+        if len(slots) > 1 or any(s.startswith("cuda") for s in slots):
+            pool = WorkerPool(len(slots), WorkerSetup(str(out_root), run.options.model_dump(), slots, tracking,
+                                                      {model: model_hash(model)}, threads=threads),
+                              on_line=logger.info)
         job_task = train_job.with_options(retries=retries)
 
-        def submit(spec: dict, slot: str):
-            return job_task.submit(spec, str(out_root), slot, tracking, isolate, samples, sample_steps, threads, run)
+        def submit(specs: list[dict], slot: str):
+            return job_task.submit(specs, str(out_root), slot, tracking, _label(specs, slot), samples, sample_steps,
+                                   threads, run, pool)
 
-    logger.info("%d job(s) from %s on %s; %d row(s) rejected at validation; slots: %s", len(plan.jobs), manifest,
-                model, len(plan.rejected), ", ".join(slots))
-    _fan_out([j.to_dict() for j in plan.jobs], slots, submit)
+    logger.info("%d job(s) in %d task(s) from %s on %s; %d row(s) rejected at validation; slots: %s", len(plan.jobs),
+                len(groups), manifest, model, len(plan.rejected), ", ".join(slots))
+    try:
+        _fan_out(groups, slots, submit)
+    finally:
+        if pool is not None:
+            pool.close()
     summary = run.finish()
     _prefect_artifact(summary)
     text = summary.render()
@@ -289,10 +271,10 @@ def batch(
     return (Failed if summary.failed else Completed)(message=text, data=summary.to_dict())
 
 
-def _fan_out(specs: list[dict], slots: list[str], submit) -> None:
-    """Submit a job whenever a slot is free; wait for all (each task records its outcome)."""
+def _fan_out(groups: list[list[dict]], slots: list[str], submit) -> None:
+    """Submit a task (one job or a pack) whenever a slot is free; wait for all (each task records its outcomes)."""
     free, running = list(slots), {}
-    queue = list(specs)
+    queue = list(groups)
     while queue or running:
         while queue and free:
             spec, slot = queue.pop(0), free.pop(0)

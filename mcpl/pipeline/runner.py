@@ -204,12 +204,21 @@ class BatchRun:
             o.batch_started(self.context)
         return self
 
-    def run_one(self, spec: JobSpec, components=None) -> JobOutcome:
+    def position(self, spec: JobSpec) -> tuple[int, int]:
+        """(1-based place in the batch, number of jobs), for progress lines."""
         index = next((i for i, j in enumerate(self.context.jobs, start=1) if j.job_id == spec.job_id), 0)
-        outcome = run_one(spec, self.context.out_root, self.options, self.observers, components=components,
-                          index=index, total=len(self.context.jobs))
-        self.record(outcome)
-        return outcome
+        return index, len(self.context.jobs)
+
+    def run_one(self, spec: JobSpec, components=None) -> JobOutcome:
+        return self.run_pack([spec], components)[0]
+
+    def run_pack(self, specs: Sequence[JobSpec], components=None) -> list[JobOutcome]:
+        """Jobs of one model and size together in this process, with the batch's observers."""
+        outcomes = run_pack(specs, self.context.out_root, self.options, self.observers, components=components,
+                            positions=[self.position(s) for s in specs])
+        for outcome in outcomes:
+            self.record(outcome)
+        return outcomes
 
     def record(self, outcome: JobOutcome) -> None:
         """Add (or replace) a job's outcome in the summary, which is rewritten after every job (thread-safe:

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -77,6 +78,7 @@ class WorkerSetup:
     model_hashes: dict[str, str] = field(default_factory=dict)  # computed once per batch, by the parent
     threads: int = 1
     log: bool = True
+    messages: object = None  # a queue: progress lines go to the parent (e.g. a flow's log) instead of stderr
 
 
 _WORKER: dict = {}
@@ -103,7 +105,11 @@ def _start_worker(setup: WorkerSetup, counter) -> None:
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    messages = _WORKER["setup"].messages
+    if messages is not None:
+        messages.put(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _run_in_worker(specs: list[dict], positions: list[tuple[int, int]]) -> list[dict]:
@@ -137,11 +143,25 @@ def _model_failure(spec: JobSpec, out_root: str, err: Exception) -> JobOutcome:
 
 
 class WorkerPool:
-    """`workers` long-lived processes; `submit(pack)` returns a future of the pack's outcomes."""
+    """`workers` long-lived processes; `submit(pack)` returns a future of the pack's outcomes.
 
-    def __init__(self, workers: int, setup: WorkerSetup) -> None:
+    `on_line`: where the workers' progress lines go (e.g. a Prefect run logger); default stderr.
+    """
+
+    def __init__(self, workers: int, setup: WorkerSetup, on_line: Callable[[str], None] | None = None) -> None:
         self.workers, self.setup = max(1, workers), setup
         self._executor: ProcessPoolExecutor | None = None
+        self._manager = self._listener = None
+        if on_line is not None:
+            self._manager = multiprocessing.get_context("spawn").Manager()
+            self.setup.messages = self._manager.Queue()
+            self._listener = threading.Thread(target=self._forward, args=(self.setup.messages, on_line), daemon=True)
+            self._listener.start()
+
+    @staticmethod
+    def _forward(messages, on_line: Callable[[str], None]) -> None:
+        while (line := messages.get()) is not None:
+            on_line(line)
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
@@ -175,6 +195,11 @@ class WorkerPool:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._listener is not None:
+            self.setup.messages.put(None)
+            self._listener.join(10)
+            self._manager.shutdown()
+            self._listener = None
 
     def __enter__(self) -> WorkerPool:
         return self

@@ -230,15 +230,16 @@ def _id(out: Path, key: str) -> str:
 
 @pytest.mark.slow
 def test_killed_job_process_resumes(tmp_path, tiny_model, prefect_api, mlflow_server, monkeypatch):
-    """Side by side (2 CPU slots), each job is its own process; SIGKILL one mid-training."""
-    from mcpl.config import TrainConfig
+    """Side by side (2 CPU slots), each job runs on a worker process; SIGKILL one mid-training."""
     from mcpl.pipeline.data import load_jobs, validate_dataset
 
     data = write_dataset(tmp_path / "two", [
         {"image": "p.png", "colours": ("red", "yellow"), "sentence": SENTENCE},
         {"image": "q.png", "colours": ("green", "blue"), "sentence": SENTENCE}])
     manifest = validate_dataset(data, tmp_path / "manifest.parquet", tiny_model).manifest
-    base = TrainConfig(steps=4, **FAST_PARAMS["overrides"])
+    from flows.batch import batch_source
+
+    base = batch_source(steps=4, overrides=FAST_PARAMS["overrides"]).base()  # what the flow will train
     victim = next(j for j in load_jobs(manifest, base, tiny_model) if j.images == ["images/p.png"])
     monkeypatch.setenv("MCPL_FAULT_AT_STEP", "3")
     monkeypatch.setenv("MCPL_FAULT_MODE", "kill")

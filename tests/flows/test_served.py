@@ -68,36 +68,6 @@ def test_log_observer_silences_library_bars_and_notices(monkeypatch):
     assert lines == []
 
 
-def test_job_process_lines_are_forwarded_and_noise_is_not(tmp_path, monkeypatch):
-    """A job in a process of its own: its start, step and end lines reach the flow's log, nothing else."""
-    import flows.batch as fb
-    from mcpl.config import RunOptions
-
-    job = "0123456789abcdef"
-    script = tmp_path / "fake_job.py"
-    script.write_text(
-        "import sys, json\n"
-        "from pathlib import Path\n"
-        f"print('[2/5] {job[:8]} (row 2): training 200 steps, strategy one, full')\n"
-        "print('Loading weights: 100%|#####| 36/36')\n"
-        f"print('{job[:8]}: step 80/200 loss 0.1432, 3.1 steps/s, ETA 39 s')\n"
-        "print('2026/12/01 INFO mlflow...: Waiting up to 300 seconds for model version')\n"
-        f"print('{job[:8]}: done in 65 s (2 concepts)')\n")
-
-    class FakePopen(subprocess.Popen):
-        def __init__(self, args, **kw):
-            super().__init__([sys.executable, str(script)], **kw)
-
-    monkeypatch.setattr(fb.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(fb, "get_run_logger", lambda: __import__("logging").getLogger("t"))
-    said: list[str] = []
-    with pytest.raises(RuntimeError, match="exited"):  # the fake writes no outcome.json
-        fb._run_in_process({"job_id": job}, str(tmp_path), RunOptions(device="cpu"), {}, said.append)
-    assert said == [f"[2/5] {job[:8]} (row 2): training 200 steps, strategy one, full",
-                    f"{job[:8]}: step 80/200 loss 0.1432, 3.1 steps/s, ETA 39 s",
-                    f"{job[:8]}: done in 65 s (2 concepts)"]
-
-
 # ------------------------------------------------------------------ the concept's picture
 def test_registry_description_shows_the_concepts_pictures(bundle):
     from mcpl.job.cards import concept_cards

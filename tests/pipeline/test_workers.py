@@ -72,3 +72,17 @@ def test_a_killed_worker_is_replaced_and_its_job_resumes(four_jobs, tmp_path, mo
     outcome = next(o for o in summary.jobs if o.job_id == victim.job_id)
     assert outcome.resumed_from == 2 and outcome.first_step == 3
     assert (tmp_path / "jobs" / victim.job_id / ".fault-injected").exists()
+
+
+def test_worker_lines_reach_the_parent_and_library_noise_does_not(four_jobs, tmp_path):
+    """What a flow shows while a job trains on a worker: its start, step and end lines, nothing else."""
+    from mcpl.pipeline.workers import WorkerPool, WorkerSetup
+
+    lines: list[str] = []
+    setup = WorkerSetup(str(tmp_path), RunOptions(samples=0, progress=False, threads=1).model_dump(), ["cpu"])
+    with WorkerPool(1, setup, on_line=lines.append) as pool:
+        outcomes = pool.run(four_jobs[:1], [(1, 4)])
+    assert outcomes[0].status == "done"
+    ours = four_jobs[0].job_id[:8]
+    assert lines[0].startswith(f"[1/4] {ours} (row 1): training") and lines[-1].startswith(f"[1/4] {ours}: done in")
+    assert all(ours in line for line in lines), lines
