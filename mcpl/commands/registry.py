@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("export", help="write a concept for diffusers, Automatic1111 or ComfyUI (safetensors)")
     e.add_argument("ref")
-    e.add_argument("--format", choices=("diffusers", "a1111", "comfyui"), default="diffusers")
+    e.add_argument("--format", choices=("diffusers", "a1111", "comfyui", "kohya"), default="diffusers",
+                   help="diffusers: one file per text encoder; a1111/comfyui/kohya: one file (SDXL: clip_l + clip_g)")
     e.add_argument("--out", default="exports", help="output folder")
     e.add_argument("--name", default=None, help="file stem (A1111/ComfyUI trigger word): letters, digits, "
                    "'.', '_' and '-', written inside --out; default: the registry name")

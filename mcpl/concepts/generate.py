@@ -96,6 +96,18 @@ def check_compatible(pipe, concept: ConceptFiles, source: str) -> None:
                       "it may not mean the same thing here", stacklevel=3)
 
 
+@contextmanager
+def _quiet_resize() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_concepts(pipe, files: list[str | Path], tokens: list[str] | None = None) -> list[str]:
     """Load concept files; `tokens` renames them (two files that both learned <dog>)."""
     loaded = []
@@ -106,7 +118,8 @@ def load_concepts(pipe, files: list[str | Path], tokens: list[str] | None = None
         token = tokens[i] if tokens else concept.token
         if token in vocab or token in loaded:
             raise RegistryError(f"token {token} is already loaded; give one of the concepts another token")
-        pipe.mcpl_family.add_rows(pipe, token, concept.vectors)
+        with _quiet_resize():  # the rows are overwritten at once: transformers' resize notice is noise
+            pipe.mcpl_family.add_rows(pipe, token, concept.vectors)
         loaded.append(token)
     return loaded
 
