@@ -51,7 +51,7 @@ class PromptEncoder:
         self.embeddings: list[LearnedTokenEmbedding] = [learned_rows(s, plan) for s in self.stacks]
         self.token_ids = [self.tokenizer.convert_tokens_to_ids(plan.token_strings(t)) for t in plan.tokens]
         self.sizes = self.family.size_conditioning([i.image.size for i in inputs], resolution)
-        self._cache: dict[tuple[int, str], tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]] = {}
+        self._cache: dict[tuple[int, str, int], tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]] = {}
         self.plan.templates = self._fitting_templates()
 
     @property
@@ -82,25 +82,28 @@ class PromptEncoder:
         return fits
 
     def encode_prompts(self, image_index: Sequence[int], templates: Sequence[str],
-                       full_length: bool = True) -> TextBatch:
-        """Tokenised prompts with concept/adjective positions, from a per-(image, template) cache.
+                       full_length: bool = True, orders: Sequence[int] | None = None) -> TextBatch:
+        """Tokenised prompts with concept/adjective positions, from a per-(image, template, order) cache.
 
+        `orders` (PromptCL views): per prompt, which of the image's phrase orders to use (0: as written).
         The UNet needs full-length conditioning; PromptCL-only views may stop at the longest
         prompt, but only where the text encoders are causal (CLIP): there earlier positions
         get the same features whatever padding follows. A bidirectional encoder (LDMBert)
         always gets the full length.
         """
-        rows = [self._prompt_row(i, t) for i, t in zip(image_index, templates, strict=True)]
+        orders = orders if orders is not None else [0] * len(templates)
+        rows = [self._prompt_row(i, t, o) for i, t, o in zip(image_index, templates, orders, strict=True)]
         length = self.length if full_length or not self.causal else max(r[3] for r in rows)
         ids = [torch.stack([r[0][s][:length] for r in rows]) for s in range(len(self.stacks))]
         return TextBatch(ids, torch.stack([r[1][..., :length] for r in rows]),
                          torch.stack([r[2][..., :length] for r in rows]), torch.tensor(list(image_index)))
 
-    def _prompt_row(self, image: int, template: str) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    def _prompt_row(self, image: int, template: str,
+                    order: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
         """(ids per stack (L,), concept weights (C, L), adjective weights (C, L), used length) of one prompt."""
-        key = (image, template)
+        key = (image, template, order)
         if key not in self._cache:
-            prompt = self.plan.prompt(image, template)
+            prompt = self.plan.prompt(image, template, order)
             encoded = [s.tokenizer(prompt, padding="max_length", max_length=s.length, truncation=True,
                                    return_tensors="pt") for s in self.stacks]
             ids = [e.input_ids[0] for e in encoded]

@@ -9,6 +9,7 @@ zero-width character is refused, and no user text ever reaches a terminal unesca
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -223,6 +224,8 @@ class PromptPlan:
     cores: list[list[str]]  # per image: words, where learnable ones are token strings
     templates: list[str] = field(default_factory=lambda: ["{}"])
     num_vectors: int = 1
+    # per image: orders of the sentence's phrases (identity first) that PromptCL views may use
+    orders: list[list[tuple[int, ...]]] = field(default_factory=list)
 
     @property
     def labels(self) -> list[str]:
@@ -235,11 +238,18 @@ class PromptPlan:
     def all_token_strings(self) -> list[str]:
         return [s for t in self.tokens for s in self.token_strings(t)]
 
-    def prompt(self, image_index: int, template: str) -> str:
+    def prompt(self, image_index: int, template: str, order: int = 0) -> str:
+        """The image's prompt in `template`; `order` > 0 lists its phrases in another order
+        (`self.orders[image_index][order]`), the way a PromptCL view may."""
         by_token = {t.token: t for t in self.tokens}
-        words = [" ".join(self.token_strings(by_token[w])) if w in by_token else w
-                 for w in self.cores[image_index]]
+        core = self.cores[image_index]
+        if order:
+            core = reorder(core, self.orders[image_index][order])
+        words = [" ".join(self.token_strings(by_token[w])) if w in by_token else w for w in core]
         return template.format(" ".join(words))
+
+    def n_orders(self, image_index: int) -> int:
+        return len(self.orders[image_index]) if self.orders else 1
 
     def adjectives(self, image_index: int) -> dict[str, str]:
         """label -> the prompt entry holding the concept's adjective, for this image's concepts.
@@ -296,7 +306,56 @@ def plan_prompts(sentences: Sequence[Sentence], strategy: str, num_vectors: int 
     _same_but_case([t.label for t in tokens.values() if "." not in t.label])  # concepts (MCPL-all words have a dot)
     adjectives = {t.adjective for t in tokens.values() if t.adjective}
     usable = valid_templates(cores, learnable_words | adjectives, templates) if use_templates else ["{}"]
-    return PromptPlan(tokens=list(tokens.values()), cores=cores, templates=usable or ["{}"], num_vectors=num_vectors)
+    usable = usable or ["{}"]
+    orders = [[o for o in phrase_orders(core) if o == tuple(sorted(o))
+               or valid_templates([reorder(core, o)], set(), usable) == usable] for core in cores]
+    return PromptPlan(tokens=list(tokens.values()), cores=cores, templates=usable, num_vectors=num_vectors,
+                      orders=orders)
+
+
+# Words that join a sentence's phrases; phrases joined by them may be listed in any order
+# ("a red <a> and a blue <b>" = "a blue <b> and a red <a>"), which gives PromptCL views that
+# differ from the training prompt even when a model knows no template but "{}".
+PHRASE_SEPARATORS = {"and", ","}
+MAX_ORDERS = 24
+
+
+def split_phrases(core: Sequence[str]) -> tuple[list[list[str]], list[str]]:
+    """A core's phrases and the separators between them ('and', ',')."""
+    phrases: list[list[str]] = [[]]
+    separators: list[str] = []
+    for word in core:
+        if word.lower() in PHRASE_SEPARATORS:
+            separators.append(word)
+            phrases.append([])
+        else:
+            phrases[-1].append(word)
+    return phrases, separators
+
+
+def phrase_orders(core: Sequence[str]) -> list[tuple[int, ...]]:
+    """Orders of the core's phrases, identity first: every permutation up to 4 phrases, else the
+    rotations and their reversals (at most MAX_ORDERS). One order when there is nothing to reorder."""
+    phrases, _ = split_phrases(core)
+    n = len(phrases)
+    identity = tuple(range(n))
+    if n < 2 or any(not p for p in phrases):
+        return [identity]
+    if n <= 4:
+        return list(itertools.permutations(range(n)))
+    rotations = [tuple((i + k) % n for i in range(n)) for k in range(n)]
+    return (rotations + [tuple(reversed(r)) for r in rotations])[:MAX_ORDERS]
+
+
+def reorder(core: Sequence[str], order: Sequence[int]) -> list[str]:
+    """The core with its phrases in `order`; separators stay where they are."""
+    phrases, separators = split_phrases(core)
+    out: list[str] = []
+    for i, k in enumerate(order):
+        if i:
+            out.append(separators[i - 1])
+        out.extend(phrases[k])
+    return out
 
 
 def _strip_prefix(pieces: Sequence[str | Concept]) -> list[str | Concept]:

@@ -101,6 +101,7 @@ class StepInputs:
     text: TextBatch
     cond: Conditioning
     record: bool
+    orders: list[torch.Tensor] | None = None  # per sample: phrase order of each extra PromptCL view
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -172,8 +173,8 @@ class MCPLTrainer:
         return self.unet.store
 
     def encode_prompts(self, image_index: Sequence[int], templates: Sequence[str],
-                       full_length: bool = True) -> TextBatch:
-        return self.prompts.encode_prompts(image_index, templates, full_length)
+                       full_length: bool = True, orders: Sequence[int] | None = None) -> TextBatch:
+        return self.prompts.encode_prompts(image_index, templates, full_length, orders)
 
     def encode_text(self, text: TextBatch) -> Conditioning:
         return self.prompts.condition(text)
@@ -224,6 +225,12 @@ class MCPLTrainer:
         n_templates = len(self.plan.templates)
         picks = [torch.randperm(n_templates, generator=g)[:views] if n_templates >= views
                  else torch.randint(n_templates, (views,), generator=g) for _ in range(batch)]
+        # Extra PromptCL views list the sentence's phrases in another order where it has several
+        # ("a blue <b> and a red <a>"): they differ from the UNet's prompt even with one template.
+        orders = None
+        if views > 1 and any(self.plan.n_orders(i) > 1 for i in range(len(self.inputs))):
+            orders = [torch.randint(1, self.plan.n_orders(int(i)), (views - 1,), generator=g)
+                      if self.plan.n_orders(int(i)) > 1 else torch.zeros(views - 1, dtype=torch.long) for i in index]
         eps = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)
         noise = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)
         timesteps = torch.randint(0, self.c.scheduler.config.num_train_timesteps, (batch,), generator=g)
@@ -233,7 +240,7 @@ class MCPLTrainer:
         noisy = self.c.scheduler.add_noise(latents, noise, timesteps)
         text = self.encode_prompts(index.tolist(), [self.plan.templates[int(p[0])] for p in picks])
         return StepInputs(index, flip, picks, latents, noise, timesteps, noisy, text, self.encode_text(text),
-                          record=cfg.attn_mask)
+                          record=cfg.attn_mask, orders=orders)
 
     def finish_step(self, s: StepInputs, prediction: torch.Tensor,
                     maps: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -248,7 +255,9 @@ class MCPLTrainer:
             images = s.index.tolist()
             extra = self.encode_prompts(images * (views - 1), [self.plan.templates[int(p[v])]
                                                                for v in range(1, views) for p in s.picks],
-                                        full_length=False)
+                                        full_length=False,
+                                        orders=None if s.orders is None else
+                                        [int(o[v - 1]) for v in range(1, views) for o in s.orders])
             cl = self.contrastive_loss([(s.cond.hidden, s.text), (self.encode_text(extra).hidden, extra)])
             loss = loss + cfg.cl_weight * cl
             logs["cl_loss"] = cl.detach()

@@ -345,3 +345,29 @@ def test_a_step_reads_nothing_back_from_the_device_until_logs_are_flushed(tiny_m
         trainer.record(trainer._step(), 0.0)
     trainer.end()
     assert seen == [1, 2, 3, 4] and [h["step"] for h in trainer.history] == [1, 2, 3, 4]
+
+
+def test_prompt_cl_views_differ_from_the_training_prompt_with_one_template(tiny_model):
+    """With a single template (the toy model's hints) both PromptCL views used to be the same
+    prompt; the extra view now lists the phrases in another order, Bind adj following them."""
+    trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True, bind_adj=True, use_templates=False, batch_size=2))
+    assert trainer.plan.templates == ["{}"]
+    seen = []
+    encode = trainer.prompts.encode_prompts
+
+    def spy(*args, **kwargs):
+        seen.append(encode(*args, **kwargs))
+        return seen[-1]
+
+    trainer.prompts.encode_prompts = spy
+    trainer.train_step()
+    main, extra = seen
+    assert extra.ids[0].shape[0] == main.ids[0].shape[0] == 2
+    tok = trainer.prompts.tokenizer
+    for row in range(2):
+        words = tok.convert_ids_to_tokens(extra.ids[0][row].tolist())
+        assert "blue</w>" in words and words.index("blue</w>") < words.index("red</w>")  # swapped phrases
+        first = main.concept_weights[row, 0].nonzero().item()
+        moved = extra.concept_weights[row, 0].nonzero().item()
+        assert moved > first  # <c1> comes after the <c2> phrase now
+        assert extra.adjective_weights[row, 0].nonzero().item() == moved - 1  # "red" still binds to <c1>
