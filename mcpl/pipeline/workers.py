@@ -11,6 +11,7 @@ a worker (killed, out of memory) fails only the packs it held; the pool starts a
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import socket
@@ -49,11 +50,21 @@ def plan_packs(jobs: Sequence[JobSpec], pack: int) -> list[list[JobSpec]]:
 
 
 def default_pack(device: str | None) -> int:
-    """How many jobs share a UNet call when the user does not say: 4 on CPU (per-step overheads dominate
-    small models there), and on a GPU as many as the memory budget allows (`pack_for_memory`)."""
+    """How many jobs share a UNet call when the user does not say: 4 on CPU (a small gain there: a CPU step
+    is mostly convolutions and matmuls that grow with the batch; benchmarks/results/throughput.json), and on
+    a GPU as many as the memory budget allows (`pack_for_memory`), where one call per step pays most."""
     if device and device.startswith("cuda"):
         return pack_for_memory(device)
     return 4
+
+
+def pack_size(jobs: int, workers: int, pack: int | None, device: str | None) -> int:
+    """Jobs per pack: the user's `pack`, else `default_pack`, cut so that every worker gets work
+    (5 jobs on 2 workers are packs of 3 + 2, not 4 + 1 with one worker idle half the time)."""
+    if pack:
+        return pack
+    size = default_pack(device)
+    return max(1, min(size, math.ceil(jobs / workers))) if workers > 1 else size
 
 
 def pack_for_memory(device: str, per_job_gib: float | None = None, budget: float = 0.8) -> int:
@@ -241,7 +252,7 @@ def run_batch(jobs: Sequence[JobSpec], out_root: str | Path, options: RunOptions
     """
     options = options or RunOptions()
     batch = BatchRun(jobs, out_root, options, observers, **context).start()
-    size = pack or default_pack(options.device or (devices[0] if devices else None))
+    size = pack_size(len(jobs), workers, pack, options.device or (devices[0] if devices else None))
     packs = plan_packs(list(jobs), size)
     position = {spec.job_id: (i, len(jobs)) for i, spec in enumerate(jobs, start=1)}
     if workers <= 1:

@@ -86,3 +86,12 @@ def test_worker_lines_reach_the_parent_and_library_noise_does_not(four_jobs, tmp
     ours = four_jobs[0].job_id[:8]
     assert lines[0].startswith(f"[1/4] {ours} (row 1): training") and lines[-1].startswith(f"[1/4] {ours}: done in")
     assert all(ours in line for line in lines), lines
+
+
+def test_default_packs_leave_no_worker_idle():
+    from mcpl.pipeline.workers import pack_size
+
+    assert pack_size(5, 1, None, "cpu") == 4  # one process: the CPU default
+    assert pack_size(5, 2, None, "cpu") == 3  # two workers: 3 + 2, not 4 + 1
+    assert pack_size(2, 2, None, "cpu") == 1
+    assert pack_size(5, 2, 4, "cpu") == 4  # what the user asked for wins
