@@ -77,9 +77,8 @@ SEED_BLOCK = 500  # scene seeds of mode m: seed + SEED_BLOCK * m + index (divers
 INIT = "object"
 CUT = 0.3
 FULL = {"attn_mask": True, "prompt_cl": True, "bind_adj": True}
-# Not TrainConfig fields: "separate" trains one job per concept (its phrase alone); "same_views" gives
-# PromptCL the training prompt itself as the second view (the behaviour before phrase-order views).
-PSEUDO_FIELDS = ("separate", "same_views")
+# Not a TrainConfig field: "separate" trains one job per concept (its phrase alone).
+PSEUDO_FIELDS = ("separate",)
 TRAINED: dict[str, dict] = {  # TrainConfig fields on top of the defaults
     "separate": {"separate": True},
     "mcpl_all": {"strategy": "all"},
@@ -364,9 +363,6 @@ def run_unit(unit: dict) -> dict:
                 plan.append((s, variant, PackedJob(inputs, config)))
     pack_started = time.perf_counter()
     packed = PackedTrainer(components, [job for _, _, job in plan]) if plan else None
-    for (_, variant, _), trainer in zip(plan, packed.trainers if packed else [], strict=True):
-        if unit["variants"][variant].get("same_views"):
-            trainer.plan.orders = [orders[:1] for orders in trainer.plan.orders]
     results = packed.train() if packed else []
     train_seconds = time.perf_counter() - pack_started
     learned: dict[tuple[int, str], dict] = {}

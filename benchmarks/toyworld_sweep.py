@@ -43,24 +43,25 @@ STAGES: dict[str, dict[str, dict]] = {
     "bare": {
         "mcpl_one": {},
         "attn_mask": {"attn_mask": True},
-        "cl_only_same_views": {"prompt_cl": True, "same_views": True},
-        "attn_cl_same_views": {**CL, "same_views": True},
+        "cl_only_reordered": {"prompt_cl": True, "cl_reorder": True},
+        "attn_cl_reordered": {**CL, "cl_reorder": True},
         "cl_only": {"prompt_cl": True},
         "attn_cl": CL,
     },
-    # PromptCL views: the same prompt twice (the old behaviour) vs the phrases in another order
+    # PromptCL views: the written sentence (default) vs its phrases in another order (cl_reorder)
     "views": {
         "mcpl_one": {},
         "attn_mask": {"attn_mask": True},
-        "full_same_views": {**FULL, "same_views": True},
+        "full_reordered": {**FULL, "cl_reorder": True},
         "full": FULL,
     },
-    # lambda once the views differ: at 0.05 the contrastive gradient is ~15-30x the noise loss's
+    # lambda with reordered views (full_w*: cl_reorder on) beside the written-order views (full_same_views);
+    # results: toyworld_sweep_lambda_{bare,shuffled}.md, measured before cl_reorder became a switch (off)
     "lambda": {
         "mcpl_one": {},
         "attn_mask": {"attn_mask": True},
-        "full_same_views": {**FULL, "same_views": True},
-        **{f"full_w{w:g}": {**FULL, "cl_weight": w} for w in (1e-3, 5e-3, 5e-2)},
+        "full_same_views": FULL,
+        **{f"full_w{w:g}": {**FULL, "cl_reorder": True, "cl_weight": w} for w in (1e-3, 5e-3, 5e-2)},
     },
     "cl": {
         "mcpl_one": {},

@@ -46,6 +46,10 @@ Strategy = Literal["one", "all", "diverse"]
 MaskSource = Literal["current", "running"]
 
 
+# Fields added after job ids were first issued: hashed only when not at their default (TrainConfig.job_hash).
+HASHED_ONLY_WHEN_SET = ("cl_reorder",)
+
+
 class TrainConfig(BaseModel):
     """Configuration of one MCPL job (one image, or one MCPL-diverse group)."""
 
@@ -109,6 +113,11 @@ class TrainConfig(BaseModel):
                                   "0.3; toy sweep: 0.07); at least 0.001, smaller overflows the softmax.")
     cl_views: int = Field(2, ge=2, le=8, description="Prompt views per sample (different templates); at most 8, "
                           "each is one more text-encoder pass.")
+    cl_reorder: bool = Field(False, description="PromptCL's extra views list the sentence's phrases ('a red <a> "
+                             "and a blue <b>') in another order, so views differ even where the model knows one "
+                             "template. Off by default: on the toy model it cost 23 +/- 16 recovery points on bare "
+                             "sentences and changed nothing on coloured ones (benchmarks/results/toyworld_sweep_"
+                             "lambda_*.md); the views then differ only by template.")
     bind_adj: bool = Field(False, description="Each concept's adjective joins its positives.")
 
     # --- bookkeeping --------------------------------------------------------------
@@ -119,8 +128,13 @@ class TrainConfig(BaseModel):
                                "(at most 100: each is a UNet pass per image).")
 
     def job_hash(self) -> str:
-        """A short stable hash of the fields that change what is learned (not bookkeeping)."""
+        """A short stable hash of the fields that change what is learned (not bookkeeping). Fields added
+        after job ids were first issued count only when set away from their default, so existing work
+        keeps its id (and its finished bundles stay finished)."""
         fields = self.model_dump(exclude={"checkpoint_every", "keep_checkpoints"})
+        for name in HASHED_ONLY_WHEN_SET:
+            if fields[name] == type(self).model_fields[name].default:
+                del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

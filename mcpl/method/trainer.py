@@ -225,10 +225,11 @@ class MCPLTrainer:
         n_templates = len(self.plan.templates)
         picks = [torch.randperm(n_templates, generator=g)[:views] if n_templates >= views
                  else torch.randint(n_templates, (views,), generator=g) for _ in range(batch)]
-        # Extra PromptCL views list the sentence's phrases in another order where it has several
-        # ("a blue <b> and a red <a>"): they differ from the UNet's prompt even with one template.
+        # With cl_reorder, extra PromptCL views list the sentence's phrases in another order where it has
+        # several ("a blue <b> and a red <a>"): they differ from the UNet's prompt even with one template.
+        # Drawn only then, so the default's random stream is the one it always was.
         orders = None
-        if views > 1 and any(self.plan.n_orders(i) > 1 for i in range(len(self.inputs))):
+        if cfg.cl_reorder and views > 1 and any(self.plan.n_orders(i) > 1 for i in range(len(self.inputs))):
             orders = [torch.randint(1, self.plan.n_orders(int(i)), (views - 1,), generator=g)
                       if self.plan.n_orders(int(i)) > 1 else torch.zeros(views - 1, dtype=torch.long) for i in index]
         eps = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)

@@ -348,9 +348,10 @@ def test_a_step_reads_nothing_back_from_the_device_until_logs_are_flushed(tiny_m
 
 
 def test_prompt_cl_views_differ_from_the_training_prompt_with_one_template(tiny_model):
-    """With a single template (the toy model's hints) both PromptCL views used to be the same
-    prompt; the extra view now lists the phrases in another order, Bind adj following them."""
-    trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True, bind_adj=True, use_templates=False, batch_size=2))
+    """With a single template (the toy model's hints) both PromptCL views are the same prompt;
+    with cl_reorder the extra view lists the phrases in another order, Bind adj following them."""
+    trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True, bind_adj=True, use_templates=False, batch_size=2,
+                                                   cl_reorder=True))
     assert trainer.plan.templates == ["{}"]
     seen = []
     encode = trainer.prompts.encode_prompts
@@ -371,3 +372,19 @@ def test_prompt_cl_views_differ_from_the_training_prompt_with_one_template(tiny_
         moved = extra.concept_weights[row, 0].nonzero().item()
         assert moved > first  # <c1> comes after the <c2> phrase now
         assert extra.adjective_weights[row, 0].nonzero().item() == moved - 1  # "red" still binds to <c1>
+
+
+def test_prompt_cl_views_keep_the_written_order_by_default(tiny_model):
+    trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True, use_templates=False, batch_size=2))
+    seen = []
+    encode = trainer.prompts.encode_prompts
+
+    def spy(*args, **kwargs):
+        seen.append(encode(*args, **kwargs))
+        return seen[-1]
+
+    trainer.prompts.encode_prompts = spy
+    trainer.train_step()
+    main, extra = seen
+    length = extra.ids[0].shape[1]
+    assert torch.equal(extra.ids[0], main.ids[0][:, :length])  # the written sentence, cut at its end (causal CLIP)
