@@ -45,7 +45,12 @@ def encode_images(vae, images: list[Image.Image], resolution: int, device: torch
         square = square_resize(img, resolution)
         pixels += [to_tensor(square), to_tensor(ImageOps.mirror(square))]
     batch = torch.stack(pixels).to(device=device, dtype=vae.dtype)
-    dist = vae.encode(batch).latent_dist
-    shape = (len(images), 2, *dist.mean.shape[1:])
-    return LatentCache(dist.mean.float().reshape(shape), dist.std.float().reshape(shape),
-                       float(vae.config.scaling_factor))
+    encoded = vae.encode(batch)
+    if hasattr(encoded, "latent_dist"):  # KL autoencoder: a Gaussian posterior, sampled every step
+        mean, std = encoded.latent_dist.mean, encoded.latent_dist.std
+    else:  # VQ autoencoder: deterministic pre-quantisation latents (what a VQ-LDM's UNet is trained on)
+        mean = encoded.latents
+        std = torch.zeros_like(mean)
+    shape = (len(images), 2, *mean.shape[1:])
+    return LatentCache(mean.float().reshape(shape), std.float().reshape(shape),
+                       float(getattr(vae.config, "scaling_factor", 1.0)))

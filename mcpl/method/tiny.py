@@ -126,10 +126,11 @@ def build_tiny_bert_tokenizer(out_dir: Path, words: tuple[str, ...] | list[str] 
     return BertTokenizer.from_pretrained(out_dir, model_max_length=77)
 
 
-def build_tiny_ldm(out_dir: str | Path, seed: int = 0, width: int = 32) -> Path:
-    """Random tiny LDM text-to-image model (BERT tokenizer, LDMBert, UNet, KL autoencoder) saved as an
-    LDMTextToImagePipeline folder. The VAE downsamples 8x, as the pipeline assumes (latents = size // 8)."""
-    from diffusers import DDIMScheduler, LDMTextToImagePipeline
+def build_tiny_ldm(out_dir: str | Path, seed: int = 0, width: int = 32, vq: bool = False) -> Path:
+    """Random tiny LDM text-to-image model (BERT tokenizer, LDMBert, UNet, KL autoencoder, or a VQ one with
+    `vq`) saved as an LDMTextToImagePipeline folder. The autoencoder downsamples 8x, as the pipeline assumes
+    (latents = size // 8)."""
+    from diffusers import DDIMScheduler, LDMTextToImagePipeline, VQModel
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
     out_dir = Path(out_dir)
@@ -141,9 +142,10 @@ def build_tiny_ldm(out_dir: str | Path, seed: int = 0, width: int = 32) -> Path:
         sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=width, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=4, layers_per_block=1, sample_size=32)
+    shape = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 norm_num_groups=4, layers_per_block=1, sample_size=32)
+    vae = VQModel(**shape, num_vq_embeddings=64, vq_embed_dim=4) if vq else AutoencoderKL(**shape)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, num_train_timesteps=1000)
     LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler).save_pretrained(

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 from mcpl.errors import ModelLoadError
 from mcpl.method.families.base import Components, Conditioning, Family, TextStack
+from mcpl.method.families.index import model_index
 from mcpl.method.families.ldm import LatentDiffusion
 from mcpl.method.families.sd import StableDiffusion
 from mcpl.method.families.sdxl import StableDiffusionXL
@@ -24,27 +21,10 @@ def pipeline_class(model: str) -> str:
 
     A folder without one is taken for Stable Diffusion's layout, so its missing parts are named.
     """
-    path = Path(model)
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            return StableDiffusion.pipeline_classes[0]
-        try:
-            return str(json.loads(index.read_text()).get("_class_name", ""))
-        except ValueError as err:
-            raise ModelLoadError(f"{index} is not valid JSON: {err}") from None
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"model folder {model} does not exist")
-    try:
-        from diffusers import DiffusionPipeline
-
-        return str(DiffusionPipeline.load_config(model).get("_class_name", ""))
-    except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise ModelLoadError(f"cannot load model {model!r}: {err}\n" + (
-            "HF_HUB_OFFLINE=1: a hub id works only if it is fully in the local cache; pass a local diffusers "
-            "folder instead." if offline else "Pass a diffusers folder or a hub id that is reachable or cached.")
-        ) from None
+    index = model_index(model)
+    if index is None:
+        return StableDiffusion.pipeline_classes[0]
+    return str(index.get("_class_name", ""))
 
 
 def family_of(model: str) -> Family:

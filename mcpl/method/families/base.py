@@ -20,6 +20,8 @@ from torch import nn
 
 from mcpl.errors import ModelLoadError
 
+AUTOENCODERS = ("AutoencoderKL", "VQModel")  # image encoders the latent cache reads (mcpl.method.images)
+
 PICKLE_OPT_IN = "MCPL_ALLOW_PICKLE_WEIGHTS"  # =1: allow loading pickled .bin weights (trusted folders only)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -147,13 +149,22 @@ class Family:
         raise NotImplementedError
 
     def load(self, model: str, device: torch.device, dtype: torch.dtype, hints: dict) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        import diffusers
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        from mcpl.method.families.index import component_class
 
         stacks = self.load_stacks(model, dtype)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype,
                                                     use_safetensors=weights_policy(model, "unet"))
-        vae = AutoencoderKL.from_pretrained(model, subfolder=self.vae_subfolder, dtype=dtype,
-                                            use_safetensors=weights_policy(model, self.vae_subfolder))
+        # The autoencoder's class as model_index.json names it: KL (SD, SDXL, ldm-text2im-large-256) or VQ
+        # (other latent-diffusion folders); anything else is refused rather than half-loaded.
+        name = component_class(model, self.vae_subfolder, "AutoencoderKL")
+        if name not in AUTOENCODERS:
+            raise ModelLoadError(f"{model}: {self.vae_subfolder} is a {name}; mcpl encodes images with "
+                                 f"{' or '.join(AUTOENCODERS)}")
+        vae = getattr(diffusers, name).from_pretrained(model, subfolder=self.vae_subfolder, dtype=dtype,
+                                                       use_safetensors=weights_policy(model, self.vae_subfolder))
         scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
         for module in (*(s.encoder for s in stacks), unet, vae):
             module.requires_grad_(False).eval().to(device)

@@ -66,3 +66,34 @@ def test_a_job_trains_and_generates_through_mcpl_own_loader(tiny_ldm, tmp_path):
     tokens = load_concepts(pipe, list(result.concept_files.values()))
     out = generate(pipe, "a photo of <c1> and <c2>", tokens, num_images=1, steps=2)
     assert out.images[0].size == (32, 32) and set(out.maps[0]) == {"<c1>", "<c2>"}
+
+
+def test_a_vq_autoencoder_folder_trains_and_generates(tmp_path):
+    """Latent-diffusion folders may name a VQModel as their "vqvae" (the pipeline accepts either)."""
+    from mcpl.concepts.generate import generate, load_concepts, load_pipeline
+    from mcpl.method.tiny import build_tiny_ldm
+
+    model = str(build_tiny_ldm(tmp_path / "ldm-vq", vq=True))
+    c = load_components(model)
+    assert type(c.vae).__name__ == "VQModel"
+    result = run_job(model, [JobInput.from_text(two_square_image(), TWO)],
+                     TrainConfig(steps=2, batch_size=2, map_timesteps=2), tmp_path / "job",
+                     options=RunOptions(samples=1, sample_steps=2, progress=False))
+    pipe = load_pipeline(model, "cpu")
+    tokens = load_concepts(pipe, list(result.concept_files.values()))
+    assert generate(pipe, "a photo of <c1>", tokens, num_images=1, steps=2).images[0].size == (32, 32)
+
+
+def test_an_unknown_autoencoder_class_is_refused(tiny_ldm, tmp_path):
+    import json
+    import shutil
+
+    from mcpl.errors import ModelLoadError
+
+    model = tmp_path / "odd"
+    shutil.copytree(tiny_ldm, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["vqvae"] = ["diffusers", "AsymmetricAutoencoderKL"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="AsymmetricAutoencoderKL"):
+        load_components(str(model))
