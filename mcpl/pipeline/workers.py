@@ -96,7 +96,18 @@ _WORKER: dict = {}
 
 
 def _start_worker(setup: WorkerSetup, counter) -> None:
-    """Initializer of a worker process: pin its device, set threads, note the batch's model hashes."""
+    """Initializer of a worker process: pin its device, set threads, note the batch's model hashes.
+    A failure here breaks the pool without a reason of its own, so the reason is printed first."""
+    try:
+        _init_worker(setup, counter)
+    except BaseException:
+        import traceback
+
+        print(f"mcpl worker {os.getpid()} failed to start:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
+
+
+def _init_worker(setup: WorkerSetup, counter) -> None:
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -162,6 +173,7 @@ class WorkerPool:
     def __init__(self, workers: int, setup: WorkerSetup, on_line: Callable[[str], None] | None = None) -> None:
         self.workers, self.setup = max(1, workers), setup
         self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
         self._manager = self._listener = None
         if on_line is not None:
             self._manager = multiprocessing.get_context("spawn").Manager()
@@ -175,18 +187,24 @@ class WorkerPool:
             on_line(line)
 
     def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            context = multiprocessing.get_context("spawn")  # no fork of a process holding threads or CUDA
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
-                                                 initargs=(self.setup, context.Value("i", 0)))
-        return self._executor
+        with self._lock:
+            if self._executor is None:
+                context = multiprocessing.get_context("spawn")  # no fork of a process holding threads or CUDA
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                                     initargs=(self.setup, context.Value("i", 0)))
+            return self._executor
 
     def submit(self, pack: Sequence[JobSpec], positions: Sequence[tuple[int, int]]) -> Future:
+        args = ([s.to_dict() for s in pack], list(positions))
+        executor = self._pool()
         try:
-            return self._pool().submit(_run_in_worker, [s.to_dict() for s in pack], list(positions))
+            future = executor.submit(_run_in_worker, *args)
         except BrokenProcessPool:
-            self.restart()
-            return self._pool().submit(_run_in_worker, [s.to_dict() for s in pack], list(positions))
+            self.restart(executor)
+            executor = self._pool()
+            future = executor.submit(_run_in_worker, *args)
+        future.mcpl_executor = executor  # which pool to replace if this future breaks
+        return future
 
     def run(self, pack: Sequence[JobSpec], positions: Sequence[tuple[int, int]]) -> list[JobOutcome]:
         """Run a pack and wait. If a worker dies, the pool starts anew and the pack is tried once more
@@ -197,10 +215,14 @@ class WorkerPool:
                 return outcomes
         raise AssertionError("unreachable")
 
-    def restart(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = None
+    def restart(self, broken: ProcessPoolExecutor | None = None) -> None:
+        """Drop the pool (`broken`: only if it is still the current one). Packs run from several threads
+        (a flow's tasks): each sees the same broken pool, and the first to restart it must not have its
+        fresh pool shut down by the next."""
+        with self._lock:
+            if self._executor is not None and (broken is None or self._executor is broken):
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
 
     def close(self) -> None:
         if self._executor is not None:
@@ -229,7 +251,7 @@ def outcomes_of(future: Future, pack: Sequence[JobSpec], out_root: str, pool: Wo
     try:
         return [JobOutcome.from_dict(d) for d in future.result()]
     except BrokenProcessPool:
-        pool.restart()
+        pool.restart(getattr(future, "mcpl_executor", None))
         if not final:
             return None
         return [_model_failure(s, out_root, RuntimeError("its worker process died twice (killed, or out of "

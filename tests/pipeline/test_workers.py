@@ -95,3 +95,17 @@ def test_default_packs_leave_no_worker_idle():
     assert pack_size(5, 2, None, "cpu") == 3  # two workers: 3 + 2, not 4 + 1
     assert pack_size(2, 2, None, "cpu") == 1
     assert pack_size(5, 2, 4, "cpu") == 4  # what the user asked for wins
+
+
+def test_a_stale_restart_leaves_the_fresh_pool_alone(tmp_path):
+    """Two flow tasks see the same broken pool; the second restart must not shut down the pool the
+    first one just made (both packs then 'died twice' without ever running)."""
+    from mcpl.pipeline.workers import WorkerPool, WorkerSetup
+
+    pool = WorkerPool(2, WorkerSetup(str(tmp_path), RunOptions().model_dump(), ["cpu"]))
+    broken = pool._pool()
+    pool.restart(broken)  # the first task replaces it
+    fresh = pool._pool()
+    pool.restart(broken)  # the second task, late, with the same broken pool
+    assert pool._pool() is fresh and fresh is not broken
+    pool.close()
