@@ -174,6 +174,7 @@ class WorkerPool:
         self.workers, self.setup = max(1, workers), setup
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._counters: list = []  # one worker counter per pool made (see _pool)
         self._manager = self._listener = None
         if on_line is not None:
             self._manager = multiprocessing.get_context("spawn").Manager()
@@ -190,8 +191,11 @@ class WorkerPool:
         with self._lock:
             if self._executor is None:
                 context = multiprocessing.get_context("spawn")  # no fork of a process holding threads or CUDA
+                # Kept for the pool object's life: a worker spawned late (or after a restart elsewhere) must still
+                # find the counter's semaphore (a collected Value unlinks it: FileNotFoundError in the child).
+                self._counters.append(context.Value("i", 0))
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
-                                                     initargs=(self.setup, context.Value("i", 0)))
+                                                     initargs=(self.setup, self._counters[-1]))
             return self._executor
 
     def submit(self, pack: Sequence[JobSpec], positions: Sequence[tuple[int, int]]) -> Future:

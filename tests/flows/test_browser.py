@@ -80,9 +80,16 @@ def screenshot(driver, name: str, tmp_path: Path) -> Path:
 
 
 def wait_for(driver, condition, timeout: float = 60):
+    """Poll `condition` until it is truthy. The UIs re-render while they load (more so on a busy machine):
+    an element found a moment ago may be gone, which is "not yet", not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = condition(driver)
+        try:
+            value = condition(driver)
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         time.sleep(0.5)
@@ -155,7 +162,14 @@ def test_models_page_to_the_concepts_picture_in_one_click(browser, serve_sh, ser
         except Exception:  # noqa: BLE001 - not every close button is visible
             pass
     screenshot(browser, "mlflow_models", tmp_path)
-    next(a for a in browser.find_elements("tag name", "a") if a.text == name).click()  # the one click
+    def click_concept(d) -> bool:  # the one click (on the link as the page shows it now)
+        link = next((a for a in d.find_elements("tag name", "a") if a.text == name), None)
+        if link is None:
+            return False
+        link.click()
+        return True
+
+    wait_for(browser, click_concept, timeout=60)
     concept = name.rsplit(".", 1)[1]
 
     def both_pictures(d) -> list[str]:
