@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded defaults: set up, then `dvc repro` the whole pipeline
 # (example toy-world data -> validate -> train every job -> MLflow concept registry in
-# ./mlflow.db -> metrics). No server needed. ~10 minutes from a fresh clone on a busy 2-core CPU
+# ./mlflow.db -> metrics). No server needed. ~7 minutes from a fresh clone on a busy 2-core CPU
 # (setup included); afterwards git status is clean (dvc.lock reproduced).
 set -euo pipefail
 cd "$(dirname "$0")/.."
