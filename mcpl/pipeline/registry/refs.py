@@ -186,7 +186,19 @@ def export(ref: str, out_dir: str | Path, fmt: ExportFormat = "diffusers", file_
 
 
 def list_concepts(uri: str | None = None, filter_string: str = "", client=None) -> list[dict[str, Any]]:
-    """One row per concept: name, newest version, its token, strategy, source and sentence."""
+    """One row per concept: name, newest version, its token, strategy, source and sentence.
+
+    A local SQLite store without a filter is read directly (read-only): importing MLflow and starting
+    its store takes ~10 s on a 2-core machine, the query milliseconds. Any other store, a filter, or a
+    schema that is not the one expected goes through MLflow."""
+    if client is None and not filter_string:
+        from mcpl.pipeline.tracking.store import resolve_tracking_uri, sqlite_path
+
+        db = sqlite_path(resolve_tracking_uri(uri))
+        if db is not None and db.is_file():
+            rows = _list_from_sqlite(db)
+            if rows is not None:
+                return rows
     client = client or client_for(uri, read_only=True)
     rows = []
     for model in search_all(client.search_registered_models, filter_string):
@@ -199,6 +211,45 @@ def list_concepts(uri: str | None = None, filter_string: str = "", client=None) 
                      "aliases": ",".join(sorted(model.aliases)) if model.aliases else "",
                      "token": tags.get("token", ""), "strategy": tags.get("strategy", ""),
                      "source_image": tags.get("source_image", ""), "sentence": tags.get("sentence", "")})
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def _list_from_sqlite(db: Path) -> list[dict[str, Any]] | None:
+    """list_concepts' rows from MLflow's SQLite tables, opened read-only; None if the tables differ."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            names = con.execute("SELECT name FROM registered_models")
+            model_tags: dict[str, dict[str, str]] = {name: {} for (name,) in names}
+            for key, value, name in con.execute("SELECT key, value, name FROM registered_model_tags"):
+                model_tags.setdefault(name, {})[key] = value
+            versions: dict[str, list[int]] = {}
+            for name, version in con.execute("SELECT name, version FROM model_versions "
+                                             "WHERE current_stage != 'Deleted_Internal'"):
+                versions.setdefault(name, []).append(int(version))
+            version_tags: dict[tuple[str, int], dict[str, str]] = {}
+            for key, value, name, version in con.execute("SELECT key, value, name, version FROM model_version_tags"):
+                version_tags.setdefault((name, int(version)), {})[key] = value
+            aliases: dict[str, list[str]] = {}
+            for alias, name in con.execute("SELECT alias, name FROM registered_model_aliases"):
+                aliases.setdefault(name, []).append(alias)
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    rows = []
+    for name, tags in model_tags.items():
+        if tags.get("kind") != "mcpl-concept":
+            continue
+        found = versions.get(name, [])
+        newest = max(found, default=None)
+        vtags = version_tags.get((name, newest), {}) if newest is not None else {}
+        rows.append({"name": name, "versions": len(found), "latest": newest if newest is not None else "",
+                     "aliases": ",".join(sorted(aliases.get(name, []))),
+                     "token": vtags.get("token", ""), "strategy": vtags.get("strategy", ""),
+                     "source_image": vtags.get("source_image", ""), "sentence": vtags.get("sentence", "")})
     return sorted(rows, key=lambda r: r["name"])
 
 

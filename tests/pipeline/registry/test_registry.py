@@ -151,6 +151,19 @@ def test_export_formats(published, tmp_path):
             assert list(fh.keys()) == ["emb_params"] and fh.get_tensor("emb_params").ndim == 2
 
 
+def test_list_reads_a_sqlite_store_directly_with_the_same_rows(published, monkeypatch):
+    """`registry list` on ./mlflow.db answers without importing MLflow, with MLflow's own answer."""
+    from mcpl.pipeline.registry import refs
+    from mcpl.pipeline.tracking.store import client_for
+
+    uri = published["uri"]
+    assert uri.startswith("sqlite:")
+    through_mlflow = refs.list_concepts(uri, client=client_for(uri, read_only=True))
+    monkeypatch.setattr(refs, "client_for", lambda *a, **k: (_ for _ in ()).throw(AssertionError("MLflow used")))
+    direct = refs.list_concepts(uri)
+    assert direct == through_mlflow and {r["name"] for r in direct} >= {"pets.images-a.dog", "pets.images-b.dog"}
+
+
 def test_cli_list_show_export(published, tmp_path, capsys):
     from mcpl.cli import main
 
