@@ -347,12 +347,8 @@ def test_a_step_reads_nothing_back_from_the_device_until_logs_are_flushed(tiny_m
     assert seen == [1, 2, 3, 4] and [h["step"] for h in trainer.history] == [1, 2, 3, 4]
 
 
-def test_prompt_cl_views_differ_from_the_training_prompt_with_one_template(tiny_model):
-    """With a single template (the toy model's hints) both PromptCL views are the same prompt;
-    with cl_reorder the extra view lists the phrases in another order, Bind adj following them."""
-    trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True, bind_adj=True, use_templates=False, batch_size=2,
-                                                   cl_reorder=True))
-    assert trainer.plan.templates == ["{}"]
+def step_prompts(trainer):
+    """One training step; the (UNet prompt, extra PromptCL view) batches it encoded."""
     seen = []
     encode = trainer.prompts.encode_prompts
 
@@ -363,6 +359,16 @@ def test_prompt_cl_views_differ_from_the_training_prompt_with_one_template(tiny_
     trainer.prompts.encode_prompts = spy
     trainer.train_step()
     main, extra = seen
+    return main, extra
+
+
+def test_prompt_cl_views_differ_from_the_training_prompt_with_one_template(tiny_model):
+    """With a single template (the toy model's hints) both PromptCL views are the same prompt;
+    with cl_reorder the extra view lists the phrases in another order, Bind adj following them."""
+    trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True, bind_adj=True, use_templates=False, batch_size=2,
+                                                   cl_reorder=True))
+    assert trainer.plan.templates == ["{}"]
+    main, extra = step_prompts(trainer)
     assert extra.ids[0].shape[0] == main.ids[0].shape[0] == 2
     tok = trainer.prompts.tokenizer
     for row in range(2):
@@ -376,15 +382,6 @@ def test_prompt_cl_views_differ_from_the_training_prompt_with_one_template(tiny_
 
 def test_prompt_cl_views_keep_the_written_order_by_default(tiny_model):
     trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True, use_templates=False, batch_size=2))
-    seen = []
-    encode = trainer.prompts.encode_prompts
-
-    def spy(*args, **kwargs):
-        seen.append(encode(*args, **kwargs))
-        return seen[-1]
-
-    trainer.prompts.encode_prompts = spy
-    trainer.train_step()
-    main, extra = seen
+    main, extra = step_prompts(trainer)
     length = extra.ids[0].shape[1]
     assert torch.equal(extra.ids[0], main.ids[0][:, :length])  # the written sentence, cut at its end (causal CLIP)
