@@ -9,6 +9,7 @@ with the untrained and the true word as rows.
     python benchmarks/toyworld_sweep.py views --mode shuffled            # PromptCL views: same prompt vs other order
     python benchmarks/toyworld_sweep.py cl --mode bare                   # tau x lambda with the new views
     python benchmarks/toyworld_sweep.py lr --mode shuffled               # learning rate x steps
+    python benchmarks/toyworld_sweep.py shuffle --mode bare shuffled      # phrase_shuffle for each variant
 
 Writes benchmarks/results/toyworld_sweep_<stage>_<mode>.{json,md}; --set KEY=VALUE applies to every config.
 """
@@ -77,6 +78,12 @@ STAGES: dict[str, dict[str, dict]] = {
     "lr": {
         **{f"{name}_lr{lr:g}": {**fields, "learning_rate": lr}
            for lr in (1.5e-3, 3e-3, 6e-3) for name, fields in (("mcpl_one", {}), ("full", FULL))},
+    },
+    # the UNet's prompt in another phrase order (phrase_shuffle): second-place words learned where they are first
+    "shuffle": {
+        **{f"{name}{tag}": {**fields, **extra} for name, fields in (("mcpl_all", {"strategy": "all"}),
+                                                                    ("mcpl_one", {}), ("full", FULL))
+           for tag, extra in (("", {}), ("_shuffle", {"phrase_shuffle": 0.5}))},
     },
     "steps": {
         **{f"{name}_s{steps}": {**fields, "steps": steps}

@@ -21,6 +21,7 @@ with `steps: 1000000000000` used to run), not to tune. Floats must be finite.
 | cl_weight | 0 .. 100 | paper: 5e-4 to 1.0 |
 | cl_temperature | 0.001 .. 10 | paper: 0.07 to 0.3; smaller overflows the softmax |
 | cl_views | 2 .. 8 | each view is one more text-encoder pass per sample |
+| flip_p, phrase_shuffle | 0 .. 1 | probabilities |
 | checkpoint_every | 1 .. 100,000 | |
 | keep_checkpoints | 1 .. 100 | each is a full optimiser state on disk |
 | map_timesteps | 1 .. 100 | each is one more UNet pass per image at export |
@@ -47,7 +48,7 @@ MaskSource = Literal["current", "running"]
 
 
 # Fields added after job ids were first issued: hashed only when not at their default (TrainConfig.job_hash).
-HASHED_ONLY_WHEN_SET = ("cl_reorder",)
+HASHED_ONLY_WHEN_SET = ("cl_reorder", "phrase_shuffle")
 
 
 class TrainConfig(BaseModel):
@@ -83,6 +84,12 @@ class TrainConfig(BaseModel):
     use_templates: bool = Field(
         True, description="Wrap the sentence in random templates ('a photo of {}') that never "
         "contain a learnable word or an adjective.",
+    )
+    phrase_shuffle: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False, description="Probability that a sample's prompt lists the "
+        "sentence's phrases in another order ('a blue <b> and a red <a>'): the image is the same, and every "
+        "word is also trained where it is the first of the sentence, which is how it is used alone ('a <b>'). "
+        "Not in the paper (its prompts keep the written order).",
     )
 
     # --- AttnMask -----------------------------------------------------------------

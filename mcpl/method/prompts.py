@@ -318,14 +318,30 @@ def plan_prompts(sentences: Sequence[Sentence], strategy: str, num_vectors: int 
 # differ from the training prompt even when a model knows no template but "{}".
 PHRASE_SEPARATORS = {"and", ","}
 MAX_ORDERS = 24
+_LEARNED_WORD = re.compile(r"^<w\d+\.(.+)>$")  # MCPL-all's own words still read as the words they started from
+
+
+def _plain(word: str) -> str:
+    learned = _LEARNED_WORD.match(word)
+    return (learned.group(1) if learned else word).lower()
+
+
+def _head(core: Sequence[str]) -> int:
+    """Length of a leading 'a photo of' that stays in front whatever the phrase order (MCPL-all keeps it)."""
+    words = [_plain(w) for w in core]
+    for prefix in PREFIXES:
+        n = len(prefix.split())
+        if words[:n] == prefix.split() and len(words) > n:
+            return n
+    return 0
 
 
 def split_phrases(core: Sequence[str]) -> tuple[list[list[str]], list[str]]:
-    """A core's phrases and the separators between them ('and', ',')."""
+    """A core's phrases and the separators between them ('and', ','), after any leading 'a photo of'."""
     phrases: list[list[str]] = [[]]
     separators: list[str] = []
-    for word in core:
-        if word.lower() in PHRASE_SEPARATORS:
+    for word in core[_head(core):]:
+        if _plain(word) in PHRASE_SEPARATORS:
             separators.append(word)
             phrases.append([])
         else:
@@ -350,7 +366,7 @@ def phrase_orders(core: Sequence[str]) -> list[tuple[int, ...]]:
 def reorder(core: Sequence[str], order: Sequence[int]) -> list[str]:
     """The core with its phrases in `order`; separators stay where they are."""
     phrases, separators = split_phrases(core)
-    out: list[str] = []
+    out: list[str] = list(core[:_head(core)])
     for i, k in enumerate(order):
         if i:
             out.append(separators[i - 1])

@@ -232,6 +232,7 @@ class MCPLTrainer:
         if cfg.cl_reorder and views > 1 and any(self.plan.n_orders(i) > 1 for i in range(len(self.inputs))):
             orders = [torch.randint(1, self.plan.n_orders(int(i)), (views - 1,), generator=g)
                       if self.plan.n_orders(int(i)) > 1 else torch.zeros(views - 1, dtype=torch.long) for i in index]
+        written = self._phrase_orders(index) if cfg.phrase_shuffle > 0 else None
         eps = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)
         noise = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)
         timesteps = torch.randint(0, self.c.scheduler.config.num_train_timesteps, (batch,), generator=g)
@@ -239,9 +240,18 @@ class MCPLTrainer:
         latents = self.latents.sample(_to_device(index, device), _to_device(flip, device), _to_device(eps, device))
         noise, timesteps = _to_device(noise, device), _to_device(timesteps, device)
         noisy = self.c.scheduler.add_noise(latents, noise, timesteps)
-        text = self.encode_prompts(index.tolist(), [self.plan.templates[int(p[0])] for p in picks])
+        text = self.encode_prompts(index.tolist(), [self.plan.templates[int(p[0])] for p in picks], orders=written)
         return StepInputs(index, flip, picks, latents, noise, timesteps, noisy, text, self.encode_text(text),
                           record=cfg.attn_mask, orders=orders)
+
+    def _phrase_orders(self, index: torch.Tensor) -> list[int]:
+        """Per sample, the phrase order of the UNet's prompt (0: as written), drawn only when
+        phrase_shuffle is set so the default's random stream is the one it always was."""
+        g, p = self.generator, self.config.phrase_shuffle
+        shuffle = torch.rand(len(index), generator=g) < p
+        other = [int(torch.randint(1, max(2, self.plan.n_orders(int(i))), (1,), generator=g)) for i in index]
+        return [o if flip and self.plan.n_orders(int(i)) > 1 else 0
+                for o, flip, i in zip(other, shuffle.tolist(), index.tolist(), strict=True)]
 
     def finish_step(self, s: StepInputs, prediction: torch.Tensor,
                     maps: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

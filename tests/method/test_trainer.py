@@ -385,3 +385,39 @@ def test_prompt_cl_views_keep_the_written_order_by_default(tiny_model):
     main, extra = step_prompts(trainer)
     length = extra.ids[0].shape[1]
     assert torch.equal(extra.ids[0], main.ids[0][:, :length])  # the written sentence, cut at its end (causal CLIP)
+
+
+def test_phrase_shuffle_trains_each_concept_in_both_places(tiny_model):
+    """phrase_shuffle=1: every UNet prompt lists the phrases in the other order, concepts and Bind adj following;
+    off (default), the written order and the default's random stream are untouched."""
+    trainer = make_trainer(tiny_model, TrainConfig(prompt_cl=True, bind_adj=True, use_templates=False, batch_size=2,
+                                                   phrase_shuffle=1.0))
+    main, _ = step_prompts(trainer)
+    tok = trainer.prompts.tokenizer
+    for row in range(2):
+        words = tok.convert_ids_to_tokens(main.ids[0][row].tolist())
+        assert words.index("blue</w>") < words.index("red</w>")
+        c1, c2 = (main.concept_weights[row, c].nonzero().item() for c in (0, 1))
+        assert c2 < c1 and main.adjective_weights[row, 0].nonzero().item() == c1 - 1
+    plain, again = (make_trainer(tiny_model, TrainConfig(use_templates=False, batch_size=2, phrase_shuffle=p))
+                    for p in (0.0, 0.0))
+    assert torch.equal(step_prompts_main(plain), step_prompts_main(again))
+    words = tok.convert_ids_to_tokens(step_prompts_main(plain)[0].tolist())
+    assert words.index("red</w>") < words.index("blue</w>")
+
+
+def step_prompts_main(trainer):
+    seen = []
+    encode = trainer.prompts.encode_prompts
+    trainer.prompts.encode_prompts = lambda *a, **k: seen.append(encode(*a, **k)) or seen[-1]
+    trainer.train_step()
+    return seen[0].ids[0]
+
+
+def test_mcpl_all_keeps_its_learned_and_between_reordered_phrases(tiny_model):
+    trainer = make_trainer(tiny_model, TrainConfig(strategy="all", use_templates=False, batch_size=1,
+                                                   phrase_shuffle=1.0))
+    assert trainer.plan.n_orders(0) == 2
+    prompt = trainer.plan.prompt(0, "{}", 1).split()
+    assert prompt[:3] == ["<w0.a>", "<w1.photo>", "<w2.of>"] and prompt.index("<w8.blue>") < prompt.index("<w4.red>")
+    assert prompt[6] == "<w6.and>"

@@ -43,9 +43,10 @@ def test_job_ids_are_stable_and_content_based(tmp_path, tiny_model):
     assert changed[0].job_id == first.job_id and changed[1].job_id != second.job_id
     assert jobs_of(a, tiny_model, TrainConfig(steps=11))[0].job_id != first.job_id
     assert jobs_of(a, tiny_model, TrainConfig(steps=10, checkpoint_every=5))[0].job_id == first.job_id
-    # a field added later (cl_reorder) leaves ids of work without it alone, and counts once set
-    assert jobs_of(a, tiny_model, TrainConfig(steps=10, cl_reorder=False))[0].job_id == first.job_id
-    assert jobs_of(a, tiny_model, TrainConfig(steps=10, cl_reorder=True))[0].job_id != first.job_id
+    # fields added later (cl_reorder, phrase_shuffle) leave ids of work without them alone, and count once set
+    for name, off, on in (("cl_reorder", False, True), ("phrase_shuffle", 0.0, 0.5)):
+        assert jobs_of(a, tiny_model, TrainConfig(steps=10, **{name: off}))[0].job_id == first.job_id
+        assert jobs_of(a, tiny_model, TrainConfig(steps=10, **{name: on}))[0].job_id != first.job_id
     scene().rotate(90).save(a / "images" / "good.png")
     assert jobs_of(a, tiny_model)[0].job_id != first.job_id
 
