@@ -47,8 +47,9 @@ Strategy = Literal["one", "all", "diverse"]
 MaskSource = Literal["current", "running"]
 
 
-# Fields added after job ids were first issued: hashed only when not at their default (TrainConfig.job_hash).
-HASHED_ONLY_WHEN_SET = ("cl_reorder", "phrase_shuffle")
+# Fields added after job ids were first issued, with the value all earlier work implicitly had: hashed only
+# when set to something else (TrainConfig.job_hash), whatever the field's default is now.
+HASHED_ONLY_WHEN_SET: dict[str, object] = {"cl_reorder": False, "phrase_shuffle": 0.0}
 
 
 class TrainConfig(BaseModel):
@@ -136,11 +137,11 @@ class TrainConfig(BaseModel):
 
     def job_hash(self) -> str:
         """A short stable hash of the fields that change what is learned (not bookkeeping). Fields added
-        after job ids were first issued count only when set away from their default, so existing work
-        keeps its id (and its finished bundles stay finished)."""
+        after job ids were first issued count only when set away from the value earlier work had, so
+        existing work keeps its id (and its finished bundles stay finished)."""
         fields = self.model_dump(exclude={"checkpoint_every", "keep_checkpoints"})
-        for name in HASHED_ONLY_WHEN_SET:
-            if fields[name] == type(self).model_fields[name].default:
+        for name, earlier in HASHED_ONLY_WHEN_SET.items():
+            if fields[name] == earlier:
                 del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -232,7 +232,8 @@ class MCPLTrainer:
         if cfg.cl_reorder and views > 1 and any(self.plan.n_orders(i) > 1 for i in range(len(self.inputs))):
             orders = [torch.randint(1, self.plan.n_orders(int(i)), (views - 1,), generator=g)
                       if self.plan.n_orders(int(i)) > 1 else torch.zeros(views - 1, dtype=torch.long) for i in index]
-        written = self._phrase_orders(index) if cfg.phrase_shuffle > 0 else None
+        reorderable = any(self.plan.n_orders(i) > 1 for i in range(len(self.inputs)))
+        written = self._phrase_orders(index) if cfg.phrase_shuffle > 0 and reorderable else None
         eps = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)
         noise = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)
         timesteps = torch.randint(0, self.c.scheduler.config.num_train_timesteps, (batch,), generator=g)
@@ -246,7 +247,8 @@ class MCPLTrainer:
 
     def _phrase_orders(self, index: torch.Tensor) -> list[int]:
         """Per sample, the phrase order of the UNet's prompt (0: as written), drawn only when
-        phrase_shuffle is set so the default's random stream is the one it always was."""
+        phrase_shuffle is set and a sentence can be reordered, so otherwise the random stream (and
+        the result) is the one without it."""
         g, p = self.generator, self.config.phrase_shuffle
         shuffle = torch.rand(len(index), generator=g) < p
         other = [int(torch.randint(1, max(2, self.plan.n_orders(int(i))), (1,), generator=g)) for i in index]

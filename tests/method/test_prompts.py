@@ -188,3 +188,16 @@ def test_placeholders_that_differ_only_in_case_are_one_word_to_the_tokenizer():
         check_against_vocab([parse_sentence("a <Dog>")], {"<dog>": 5})
     with pytest.raises(SentenceError, match="at most 64"):
         parse_sentence(f"a <{'x' * 65}>")
+
+
+def test_phrases_that_read_the_same_are_never_reordered():
+    """Where only the place tells two words apart (same initializer, no adjective), reordering would teach
+    both words both objects: no other order is offered, whatever the strategy."""
+    from mcpl.method.prompts import parse_sentence, plan_prompts
+
+    for strategy in ("one", "all"):
+        assert plan_prompts([parse_sentence("a <a|object> and a <b|object>")], strategy).n_orders(0) == 1
+    assert plan_prompts([parse_sentence("a <a|dog> and a <b|cat>")], "one").n_orders(0) == 2
+    assert plan_prompts([parse_sentence("a red <a|object|red> and a blue <b|object|blue>")], "one").n_orders(0) == 2
+    three = "a red <a|object|red>, a <b|object> and a <c|object>"
+    assert plan_prompts([parse_sentence(three)], "one").n_orders(0) == 1

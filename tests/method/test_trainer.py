@@ -421,3 +421,10 @@ def test_mcpl_all_keeps_its_learned_and_between_reordered_phrases(tiny_model):
     prompt = trainer.plan.prompt(0, "{}", 1).split()
     assert prompt[:3] == ["<w0.a>", "<w1.photo>", "<w2.of>"] and prompt.index("<w8.blue>") < prompt.index("<w4.red>")
     assert prompt[6] == "<w6.and>"
+
+
+def test_phrase_shuffle_leaves_a_sentence_it_cannot_reorder_bit_identical(tiny_model):
+    bare = "a photo of a <c1|object> and a <c2|object>"
+    runs = [make_trainer(tiny_model, TrainConfig(steps=2, batch_size=2, phrase_shuffle=p), sentences=(bare,)).train()
+            for p in (0.0, 1.0)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
