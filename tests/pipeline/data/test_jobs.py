@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,10 +44,15 @@ def test_job_ids_are_stable_and_content_based(tmp_path, tiny_model):
     assert changed[0].job_id == first.job_id and changed[1].job_id != second.job_id
     assert jobs_of(a, tiny_model, TrainConfig(steps=11))[0].job_id != first.job_id
     assert jobs_of(a, tiny_model, TrainConfig(steps=10, checkpoint_every=5))[0].job_id == first.job_id
-    # fields added later (cl_reorder, phrase_shuffle) leave ids of work without them alone, and count once set
-    for name, off, on in (("cl_reorder", False, True), ("phrase_shuffle", 0.0, 0.5)):
-        assert jobs_of(a, tiny_model, TrainConfig(steps=10, **{name: off}))[0].job_id == first.job_id
-        assert jobs_of(a, tiny_model, TrainConfig(steps=10, **{name: on}))[0].job_id != first.job_id
+    # fields added later (cl_reorder, phrase_shuffle) leave ids of work done before them alone (the value that work
+    # had hashes as if the field did not exist) and count once set otherwise, even as a new default (phrase_shuffle)
+    earlier = TrainConfig(steps=10, phrase_shuffle=0.0)
+    dumped = earlier.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "cl_reorder", "phrase_shuffle"})
+    assert earlier.job_hash() == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+    base = jobs_of(a, tiny_model, earlier)[0].job_id
+    assert jobs_of(a, tiny_model, TrainConfig(steps=10, phrase_shuffle=0.0, cl_reorder=False))[0].job_id == base
+    assert first.job_id != base and first.config.phrase_shuffle == 0.5
+    assert jobs_of(a, tiny_model, TrainConfig(steps=10, phrase_shuffle=0.0, cl_reorder=True))[0].job_id != base
     scene().rotate(90).save(a / "images" / "good.png")
     assert jobs_of(a, tiny_model)[0].job_id != first.job_id
 
