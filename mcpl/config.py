@@ -92,9 +92,9 @@ class TrainConfig(BaseModel):
         "word is also trained where it is the first of the sentence, which is how it is used alone ('a <b>'). "
         "Phrases that read the same without their learned words ('a <a|object> and a <b|object>') are never "
         "reordered: their place is all that tells the words apart. Not in the paper (0: its prompts keep the "
-        "written order); 0.5 chosen on the toy model's validation scenes: +10 to +28 recovery points for "
-        "MCPL-one and full MCPL, second-named words 44-48 % -> 70-72 % (benchmarks/results/toyworld_sweep_"
-        "shuffle.md).",
+        "written order); 0.5 chosen on the toy model's validation scenes: recovery +10 to +28 points for "
+        "MCPL-all, MCPL-one and full MCPL with coloured sentences, second-named words 44-48 % -> 70-72 % "
+        "(benchmarks/results/toyworld_sweep_shuffle_{bare_shuffled,three}.md).",
     )
 
     # --- AttnMask -----------------------------------------------------------------
