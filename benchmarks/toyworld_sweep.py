@@ -10,6 +10,7 @@ with the untrained and the true word as rows.
     python benchmarks/toyworld_sweep.py cl --mode bare                   # tau x lambda with the new views
     python benchmarks/toyworld_sweep.py lr --mode shuffled               # learning rate x steps
     python benchmarks/toyworld_sweep.py shuffle --mode bare shuffled      # phrase_shuffle for each variant
+    python benchmarks/toyworld_sweep.py parts --mode shuffled three --scenes 8   # which regulariser costs recovery
 
 Writes benchmarks/results/toyworld_sweep_<stage>_<mode>.{json,md}; --set KEY=VALUE applies to every config.
 """
@@ -84,6 +85,14 @@ STAGES: dict[str, dict[str, dict]] = {
         **{f"{name}{tag}": {**fields, **extra} for name, fields in (("mcpl_all", {"strategy": "all"}),
                                                                     ("mcpl_one", {}), ("full", FULL))
            for tag, extra in (("", {}), ("_shuffle", {"phrase_shuffle": 0.5}))},
+    },
+    # which part of full MCPL costs recovery against MCPL-one (benchmark v2 on the shipped model: -5 to -9 points)
+    "parts": {
+        "mcpl_one": {},
+        "attn_mask": {"attn_mask": True},
+        "prompt_cl_bind": {"prompt_cl": True, "bind_adj": True},
+        "full": FULL,
+        "full_k0.3": {**FULL, "mask_threshold": 0.3},
     },
     "steps": {
         **{f"{name}_s{steps}": {**fields, "steps": steps}
