@@ -40,7 +40,7 @@ not independent), for every pair of variants in a mode. Scenes are a pure functi
 index, --seed): seeds --seed + 500 * mode index + index (diverse: 4 seeds per group), so another
 seed base is another held-out suite; validation (tuning) uses 5000+ (toyworld_sweep.py).
 
-    python benchmarks/toyworld_mcpl.py                       # default run, all modes (~30 min, 2 cores)
+    python benchmarks/toyworld_mcpl.py                       # default run, all modes (23.6 min on 2 cores, 2026-12-01)
     python benchmarks/toyworld_mcpl.py --scenes 48 --out benchmarks/results/toyworld_mcpl_v2_48.json
     python benchmarks/toyworld_mcpl.py --quick --out /tmp/q.json   # CI smoke (< 2 min)
     python benchmarks/toyworld_mcpl.py --resume ...          # continue an interrupted run (its .partial.jsonl)
