@@ -251,6 +251,11 @@ class PromptPlan:
     def n_orders(self, image_index: int) -> int:
         return len(self.orders[image_index]) if self.orders else 1
 
+    @property
+    def reorderable(self) -> bool:
+        """Whether any image's sentence has a phrase order other than the written one."""
+        return any(len(o) > 1 for o in self.orders)
+
     def adjectives(self, image_index: int) -> dict[str, str]:
         """label -> the prompt entry holding the concept's adjective, for this image's concepts.
 
@@ -329,12 +334,7 @@ def _plain(word: str) -> str:
 
 def _head(core: Sequence[str]) -> int:
     """Length of a leading 'a photo of' that stays in front whatever the phrase order (MCPL-all keeps it)."""
-    words = [_plain(w) for w in core]
-    for prefix in PREFIXES:
-        n = len(prefix.split())
-        if words[:n] == prefix.split() and len(words) > n:
-            return n
-    return 0
+    return _prefix_length([_plain(w) for w in core])
 
 
 def split_phrases(core: Sequence[str]) -> tuple[list[list[str]], list[str]]:
@@ -382,14 +382,18 @@ def reorder(core: Sequence[str], order: Sequence[int]) -> list[str]:
     return out
 
 
+def _prefix_length(words: Sequence[str | None]) -> int:
+    """How many leading words are one of PREFIXES ('a photo of'), when more words follow; else 0."""
+    for prefix in PREFIXES:
+        n = len(prefix.split())
+        if list(words[:n]) == prefix.split() and len(words) > n:
+            return n
+    return 0
+
+
 def _strip_prefix(pieces: Sequence[str | Concept]) -> list[str | Concept]:
     """Drop a leading 'a photo of' so templates do not stack prefixes ('a photo of a photo of')."""
-    for prefix in PREFIXES:
-        words = prefix.split()
-        head = [p.lower() if isinstance(p, str) else None for p in pieces[: len(words)]]
-        if head == words and len(pieces) > len(words):
-            return list(pieces[len(words):])
-    return list(pieces)
+    return list(pieces[_prefix_length([p.lower() if isinstance(p, str) else None for p in pieces]):])
 
 
 def valid_templates(cores: Sequence[Sequence[str]], forbidden_words: set[str],

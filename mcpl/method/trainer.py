@@ -229,11 +229,10 @@ class MCPLTrainer:
         # several ("a blue <b> and a red <a>"): they differ from the UNet's prompt even with one template.
         # Drawn only then, so the default's random stream is the one it always was.
         orders = None
-        if cfg.cl_reorder and views > 1 and any(self.plan.n_orders(i) > 1 for i in range(len(self.inputs))):
+        if cfg.cl_reorder and views > 1 and self.plan.reorderable:
             orders = [torch.randint(1, self.plan.n_orders(int(i)), (views - 1,), generator=g)
                       if self.plan.n_orders(int(i)) > 1 else torch.zeros(views - 1, dtype=torch.long) for i in index]
-        reorderable = any(self.plan.n_orders(i) > 1 for i in range(len(self.inputs)))
-        written = self._phrase_orders(index) if cfg.phrase_shuffle > 0 and reorderable else None
+        written = self._phrase_orders(index) if cfg.phrase_shuffle > 0 and self.plan.reorderable else None
         eps = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)
         noise = torch.randn(batch, *self.latents.mean.shape[2:], generator=g)
         timesteps = torch.randint(0, self.c.scheduler.config.num_train_timesteps, (batch,), generator=g)
