@@ -348,7 +348,7 @@ def test_a_step_reads_nothing_back_from_the_device_until_logs_are_flushed(tiny_m
 
 
 def step_prompts(trainer):
-    """One training step; the (UNet prompt, extra PromptCL view) batches it encoded."""
+    """One training step; the prompt batches it encoded: the UNet's, then any extra PromptCL view."""
     seen = []
     encode = trainer.prompts.encode_prompts
 
@@ -357,9 +357,11 @@ def step_prompts(trainer):
         return seen[-1]
 
     trainer.prompts.encode_prompts = spy
-    trainer.train_step()
-    main, extra = seen
-    return main, extra
+    try:
+        trainer.train_step()
+    finally:
+        trainer.prompts.encode_prompts = encode
+    return seen
 
 
 def test_prompt_cl_views_differ_from_the_training_prompt_with_one_template(tiny_model):
@@ -402,18 +404,11 @@ def test_phrase_shuffle_trains_each_concept_in_both_places(tiny_model):
         assert c2 < c1 and main.adjective_weights[row, 0].nonzero().item() == c1 - 1
     plain = make_trainer(tiny_model, TrainConfig(use_templates=False, batch_size=4, phrase_shuffle=0.0))
     for _ in range(3):
-        for ids in step_prompts_main(plain):
+        (main,) = step_prompts(plain)
+        for ids in main.ids[0]:
             words = tok.convert_ids_to_tokens(ids.tolist())
             assert words.index("red</w>") < words.index("blue</w>")
     assert TrainConfig().phrase_shuffle == 0.5  # the default (chosen on validation scenes) shuffles half the prompts
-
-
-def step_prompts_main(trainer):
-    seen = []
-    encode = trainer.prompts.encode_prompts
-    trainer.prompts.encode_prompts = lambda *a, **k: seen.append(encode(*a, **k)) or seen[-1]
-    trainer.train_step()
-    return seen[0].ids[0]
 
 
 def test_mcpl_all_keeps_its_learned_and_between_reordered_phrases(tiny_model):
