@@ -1,10 +1,10 @@
 """A contact sheet of the toy model's own words on held-out pairs, each image titled with the checker's verdict.
 
-    python benchmarks/toyworld_ceiling_sheet.py      # ~1 min, 1 thread -> results/toyworld_ceiling_sheet.png
+    python benchmarks/toyworld_ceiling_sheet.py      # ~1 min, 1 thread -> results/toyworld_ceiling_sheet_0.png
 
 To look at what the ceiling (`python -m mcpl.toyworld.ceiling`) counts: 32 "a yellow square" (the pair the
 first pretraining run could not draw), 16 "a green cross", 16 "a blue circle"; DDIM 20, CFG 5, seeds 80 000+
-(a range neither the ceiling nor the gates use).
+(a range neither the ceiling nor the gates use). Drawn by the labelled set's own sheet writer.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
 from mcpl.method.model_files import TOY_MODEL  # noqa: E402
 from mcpl.toyworld import checker as C  # noqa: E402
 from mcpl.toyworld.gates import ToyModel  # noqa: E402
+from mcpl.toyworld.labelset import write_sheets  # noqa: E402
 
-OUT = Path(__file__).parent / "results" / "toyworld_ceiling_sheet.png"
-SCALE, COLUMNS = 4, 8
+RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -30,17 +29,10 @@ def main() -> None:
     model, checker = ToyModel(str(TOY_MODEL)), C.Checker.load(C.DEFAULT_DIR)
     prompts = ["a yellow square"] * 32 + ["a green cross"] * 16 + ["a blue circle"] * 16
     images, _ = model.sample(prompts, [80_000 + i for i in range(len(prompts))], 20, 5.0)
-    side = 32 * SCALE
-    rows = -(-len(prompts) // COLUMNS)
-    sheet = Image.new("RGB", (COLUMNS * (side + 6), rows * (side + 16)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, image in enumerate(images):
-        verdict = " + ".join(f"{o.colour} {o.shape}" for o in checker.read(image)) or "nothing"
-        x, y = (k % COLUMNS) * (side + 6), (k // COLUMNS) * (side + 16)
-        sheet.paste(Image.fromarray(image).resize((side, side), Image.NEAREST), (x + 3, y + 14))
-        draw.text((x + 3, y + 1), f"{k}: {verdict}", fill="black")
-    sheet.save(OUT, optimize=True)
-    print(OUT)
+    titles = [f"{k}: " + (" + ".join(f"{o.colour} {o.shape}" for o in checker.read(image)) or "nothing")
+              for k, image in enumerate(images)]
+    for path in write_sheets(images, RESULTS, titles, stem="toyworld_ceiling_sheet", scale=4):
+        print(path)
 
 
 if __name__ == "__main__":

@@ -214,11 +214,13 @@ def make(out: Path, model_dir: str = "models/toyworld", seed: int = 0, batch: in
     print(f"{len(images)} images in {time.time() - t0:.0f} s -> {out}")
 
 
-def write_sheets(images: np.ndarray, out: Path) -> list[Path]:
-    """Numbered 8x8 contact sheets, each image upscaled (nearest) SCALE times."""
+def write_sheets(images: np.ndarray, out: Path, titles: list[str] | None = None, stem: str = "sheet",
+                 scale: int = SCALE) -> list[Path]:
+    """8x8 contact sheets `<stem>_<k>.png`, each image upscaled (nearest) `scale` times and titled with
+    its number (or `titles`: the MCPL benchmark's sheets name the checker's verdict)."""
     from PIL import Image, ImageDraw
 
-    tile, pad = 32 * SCALE, 14
+    tile, pad = 32 * scale, 14
     paths = []
     per = SHEET * SHEET
     for k in range(0, len(images), per):
@@ -227,8 +229,8 @@ def write_sheets(images: np.ndarray, out: Path) -> list[Path]:
         for j, img in enumerate(images[k : k + per]):
             x, y = (j % SHEET) * (tile + 4), (j // SHEET) * (tile + pad + 4)
             sheet.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (x, y + pad))
-            draw.text((x + 2, y + 1), str(k + j), fill=(255, 255, 255))
-        path = out / f"sheet_{k // per}.png"
+            draw.text((x + 2, y + 1), titles[k + j] if titles else str(k + j), fill=(255, 255, 255))
+        path = out / f"{stem}_{k // per}.png"
         sheet.save(path, optimize=True)
         paths.append(path)
     return paths
