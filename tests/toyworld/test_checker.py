@@ -86,3 +86,20 @@ def test_outline_harmonic_tells_circles_from_squares() -> None:
     square = C.segment(scene(("square", (35, 65, 215), 32, 32, 15)))[0].alpha
     assert C.outline_harmonics(circle)[3] < C.SQUARENESS < C.outline_harmonics(square)[3]
     assert C.template_fit(circle)["circle"] > 0.9 and C.template_fit(square)["square"] > 0.9
+
+
+def test_contact_sheets_number_or_title_each_image(tmp_path: Path) -> None:
+    """The labelled set's sheets are numbered (no prompts shown); other callers may title and name them."""
+    from PIL import Image
+
+    from mcpl.toyworld.labelset import SCALE, write_sheets
+
+    images = np.zeros((65, 32, 32, 3), dtype=np.uint8)
+    plain = write_sheets(images, tmp_path)
+    assert [p.name for p in plain] == ["sheet_0.png", "sheet_1.png"]
+    assert Image.open(plain[0]).size == (8 * (32 * SCALE + 4), 8 * (32 * SCALE + 14 + 4))
+    titled = write_sheets(images[:2], tmp_path, ["0: red square", "1: nothing"], stem="verdicts", scale=2)
+    assert [p.name for p in titled] == ["verdicts_0.png"] and Image.open(titled[0]).size == (8 * 68, 8 * 82)
+    numbered = np.asarray(Image.open(write_sheets(images[:1], tmp_path, stem="n", scale=2)[0]))
+    named = np.asarray(Image.open(write_sheets(images[:1], tmp_path, ["a longer title"], stem="t", scale=2)[0]))
+    assert not np.array_equal(numbered, named)  # the title is drawn, not the number
